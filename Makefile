@@ -1,0 +1,63 @@
+# fastspawn developer entry points. The README's two commands:
+#   make train   - the main job (DDP training through fastspawn on CPU)
+#   make test    - C tests + pytest suite
+.PHONY: bootstrap build test ctest pytest sanitize lint format train bench clean
+
+PY := scripts/py
+CC ?= gcc
+CFLAGS_C := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g -Wno-missing-field-initializers -Icsrc
+SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+# The C library without the CPython binding (module.c, py_*.c): usable from plain C.
+LIB_SRC := $(filter-out csrc/module.c $(wildcard csrc/py_*.c),$(wildcard csrc/*.c))
+CTEST_SRC := $(wildcard tests/c/test_*.c)
+CTEST_BIN := $(patsubst tests/c/%.c,tests/c/bin/%,$(CTEST_SRC))
+CTEST_SAN_BIN := $(patsubst tests/c/%.c,tests/c/bin/san_%,$(CTEST_SRC))
+PYTEST_ARGS ?=
+
+bootstrap:
+	scripts/bootstrap.sh
+
+build: bootstrap
+
+tests/c/bin/libfastspawn.a: $(LIB_SRC) csrc/fastspawn.h
+	@mkdir -p tests/c/bin/obj
+	@for f in $(LIB_SRC); do $(CC) $(CFLAGS_C) -fPIC -c $$f -o tests/c/bin/obj/$$(basename $$f .c).o || exit 1; done
+	ar rcs $@ tests/c/bin/obj/*.o
+
+tests/c/bin/%: tests/c/%.c tests/c/fs_test.h tests/c/bin/libfastspawn.a
+	$(CC) $(CFLAGS_C) $< tests/c/bin/libfastspawn.a -lpthread -ldl -lm -o $@
+
+tests/c/bin/san_%: tests/c/%.c tests/c/fs_test.h $(LIB_SRC) csrc/fastspawn.h
+	@mkdir -p tests/c/bin
+	$(CC) $(CFLAGS_C) -O1 $(SAN) $< $(LIB_SRC) -lpthread -ldl -lm -o $@
+
+ctest: $(CTEST_BIN)
+	scripts/run_ctests.sh $(CTEST_BIN)
+
+pytest: bootstrap
+	scripts/run_pytest.sh $(PYTEST_ARGS)
+
+# The README's test command.
+test: bootstrap ctest pytest
+
+# C tests and the Python suite under AddressSanitizer + UndefinedBehaviorSanitizer.
+sanitize: bootstrap $(CTEST_SAN_BIN)
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    scripts/run_ctests.sh $(CTEST_SAN_BIN)
+	scripts/sanitize_pytest.sh $(PYTEST_ARGS)
+
+lint:
+	scripts/lint.sh
+
+format:
+	clang-format -i csrc/*.c csrc/*.h tests/c/*.c tests/c/*.h
+
+# The README's main command.
+train: bootstrap
+	$(PY) examples/train_ddp.py
+
+bench: bootstrap
+	$(PY) bench/spawn.py
+
+clean:
+	rm -rf build tests/c/bin python/fastspawn/*.so

@@ -1,0 +1,455 @@
+/*
+ * py_supervise.c - CPython binding of the supervisor (supervise.c) and the
+ * guardian (guardian.c): the _C.Group type and the guardian functions.
+ */
+#include "fs_py.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+typedef struct {
+    PyObject_HEAD
+    fs_group_t *group;
+} GroupObject;
+
+static fs_guardian_t guardian = {.pid = 0, .write_fd = -1, .owner = 0};
+
+static int group_check_open(GroupObject *self)
+{
+    if (self->group == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the process group was closed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Group_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"nprocs", NULL};
+    int nprocs;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &nprocs))
+        return NULL;
+    GroupObject *self = (GroupObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (fs_group_new(nprocs, &self->group, &err) < 0) {
+        Py_DECREF(self);
+        return fs_py_raise(&err);
+    }
+    return (PyObject *)self;
+}
+
+static void Group_dealloc(GroupObject *self)
+{
+    if (self->group != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        fs_group_free(self->group);
+        Py_END_ALLOW_THREADS
+        self->group = NULL;
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* fork(index, new_process_group, death_signal) -> (pid, report_fd):
+   (pid > 0, -1) in the parent, (0, write end of the report pipe) in the child. */
+static PyObject *Group_fork(GroupObject *self, PyObject *args)
+{
+    int index, new_pgrp, death_signal;
+    if (!PyArg_ParseTuple(args, "ipi", &index, &new_pgrp, &death_signal))
+        return NULL;
+    if (group_check_open(self) < 0)
+        return NULL;
+    fs_fork_opts_t opts = {.new_process_group = new_pgrp,
+                           .parent_death_signal = death_signal,
+                           .guardian_fd = -1 /* the atfork handler closes it */};
+    fs_error_t err;
+    fs_error_clear(&err);
+    int wfd = -1;
+    PyOS_BeforeFork();
+    pid_t pid = fs_group_fork(self->group, index, &opts, &wfd, &err);
+    if (pid == 0) {
+        PyOS_AfterFork_Child();
+        return Py_BuildValue("(ii)", 0, wfd);
+    }
+    PyOS_AfterFork_Parent();
+    if (pid < 0)
+        return fs_py_raise(&err);
+    return Py_BuildValue("(ii)", (int)pid, -1);
+}
+
+static PyObject *Group_prepare_report(GroupObject *self, PyObject *args)
+{
+    int index, wfd = -1;
+    if (!PyArg_ParseTuple(args, "i", &index) || group_check_open(self) < 0)
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (fs_group_prepare_report(self->group, index, &wfd, &err) < 0)
+        return fs_py_raise(&err);
+    return PyLong_FromLong(wfd);
+}
+
+static PyObject *Group_adopt(GroupObject *self, PyObject *args)
+{
+    int index, pid, is_child;
+    if (!PyArg_ParseTuple(args, "iip", &index, &pid, &is_child) || group_check_open(self) < 0)
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (fs_group_adopt(self->group, index, (pid_t)pid, is_child, &err) < 0)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Group_set_exit(GroupObject *self, PyObject *args)
+{
+    int index, status;
+    if (!PyArg_ParseTuple(args, "ii", &index, &status) || group_check_open(self) < 0)
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (fs_group_set_exit(self->group, index, status, &err) < 0)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Group_attach_status_fd(GroupObject *self, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd) || group_check_open(self) < 0)
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (fs_group_attach_status_fd(self->group, fd, &err) < 0)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
+/* Convert a timeout in seconds (None: no limit) to milliseconds (-1: none). */
+static int timeout_to_ms(PyObject *obj, int64_t *out)
+{
+    if (obj == Py_None) {
+        *out = -1;
+        return 0;
+    }
+    double s = PyFloat_AsDouble(obj);
+    if (s == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!(s >= 0.0)) {
+        PyErr_Format(PyExc_ValueError, "timeout must be None or >= 0 seconds, got %R", obj);
+        return -1;
+    }
+    *out = s > 1e12 ? (int64_t)1e15 : (int64_t)(s * 1000.0 + 0.5);
+    return 0;
+}
+
+/* wait(timeout=None) -> number of ranks that exited during the call (0 on
+   timeout). Runs Python signal handlers while waiting, so Ctrl-C raises. */
+static PyObject *Group_wait(GroupObject *self, PyObject *args)
+{
+    PyObject *timeout_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &timeout_obj) || group_check_open(self) < 0)
+        return NULL;
+    int64_t timeout_ms;
+    if (timeout_to_ms(timeout_obj, &timeout_ms) < 0)
+        return NULL;
+    int64_t deadline = timeout_ms < 0 ? -1 : fs_now_ms() + timeout_ms;
+    for (;;) {
+        int slice = -1;
+        if (deadline >= 0) {
+            int64_t left = deadline - fs_now_ms();
+            slice = left <= 0 ? 0 : (left > 1000000 ? 1000000 : (int)left);
+        }
+        fs_error_t err;
+        fs_error_clear(&err);
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = fs_group_wait(self->group, slice, &err);
+        Py_END_ALLOW_THREADS
+        if (rc == FS_EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            continue;
+        }
+        if (rc < 0)
+            return fs_py_raise(&err);
+        if (rc > 0 || deadline < 0 || fs_now_ms() >= deadline || fs_group_running(self->group) == 0)
+            return PyLong_FromLong(rc);
+    }
+}
+
+static PyObject *Group_running(GroupObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (group_check_open(self) < 0)
+        return NULL;
+    return PyLong_FromLong(fs_group_running(self->group));
+}
+
+/* info(index) -> (pid, state, exit_code, term_signal, exit_order, killed_by_us, gone) */
+static PyObject *Group_info(GroupObject *self, PyObject *args)
+{
+    int index;
+    if (!PyArg_ParseTuple(args, "i", &index) || group_check_open(self) < 0)
+        return NULL;
+    const fs_proc_t *p = fs_group_proc(self->group, index);
+    if (p == NULL) {
+        PyErr_Format(PyExc_IndexError, "rank index %d out of range", index);
+        return NULL;
+    }
+    return Py_BuildValue("(iiiiiii)", (int)p->pid, p->state, p->exit.exit_code,
+                         p->exit.term_signal, p->exit_order, p->killed_by_us, p->gone);
+}
+
+static PyObject *Group_report(GroupObject *self, PyObject *args)
+{
+    int index;
+    if (!PyArg_ParseTuple(args, "i", &index) || group_check_open(self) < 0)
+        return NULL;
+    const fs_proc_t *p = fs_group_proc(self->group, index);
+    if (p == NULL) {
+        PyErr_Format(PyExc_IndexError, "rank index %d out of range", index);
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)p->report, (Py_ssize_t)p->report_len);
+}
+
+static PyObject *Group_signal(GroupObject *self, PyObject *args)
+{
+    int sig;
+    if (!PyArg_ParseTuple(args, "i", &sig) || group_check_open(self) < 0)
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (fs_group_signal(self->group, sig, &err) < 0)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
+/* terminate(sig, grace_seconds): sig to every rank's group, grace, SIGKILL, reap. */
+static PyObject *Group_terminate(GroupObject *self, PyObject *args)
+{
+    int sig;
+    PyObject *grace_obj;
+    if (!PyArg_ParseTuple(args, "iO", &sig, &grace_obj) || group_check_open(self) < 0)
+        return NULL;
+    int64_t grace_ms;
+    if (timeout_to_ms(grace_obj, &grace_ms) < 0)
+        return NULL;
+    if (grace_ms < 0 || grace_ms > INT32_MAX)
+        grace_ms = INT32_MAX;
+    fs_error_t err;
+    fs_error_clear(&err);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fs_group_terminate(self->group, sig, (int)grace_ms, &err);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Group_close(GroupObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->group != NULL) {
+        fs_group_t *g = self->group;
+        self->group = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        fs_group_free(g);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Group_methods[] = {
+    {"fork", (PyCFunction)Group_fork, METH_VARARGS,
+     "fork(index, new_process_group, death_signal) -> (pid, report_fd)"},
+    {"prepare_report", (PyCFunction)Group_prepare_report, METH_VARARGS,
+     "prepare_report(index) -> write end of the rank's report pipe"},
+    {"adopt", (PyCFunction)Group_adopt, METH_VARARGS,
+     "adopt(index, pid, is_child): watch a rank started by other means"},
+    {"set_exit", (PyCFunction)Group_set_exit, METH_VARARGS,
+     "set_exit(index, wait_status): exit status of a rank reaped elsewhere"},
+    {"attach_status_fd", (PyCFunction)Group_attach_status_fd, METH_VARARGS,
+     "attach_status_fd(fd): read {int32 pid, int32 status} records (takes the fd)"},
+    {"wait", (PyCFunction)Group_wait, METH_VARARGS,
+     "wait(timeout=None) -> ranks that exited during the call"},
+    {"running", (PyCFunction)Group_running, METH_NOARGS, "number of running ranks"},
+    {"info", (PyCFunction)Group_info, METH_VARARGS,
+     "info(index) -> (pid, state, exit_code, term_signal, exit_order, killed_by_us, gone)"},
+    {"report", (PyCFunction)Group_report, METH_VARARGS, "report(index) -> bytes"},
+    {"signal", (PyCFunction)Group_signal, METH_VARARGS, "signal(sig): to every running rank"},
+    {"terminate", (PyCFunction)Group_terminate, METH_VARARGS,
+     "terminate(sig, grace): sig, wait grace seconds, SIGKILL, reap"},
+    {"close", (PyCFunction)Group_close, METH_NOARGS, "kill what runs, reap, free"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject GroupType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastspawn._C.Group",
+    .tp_basicsize = sizeof(GroupObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A supervised group of rank processes.",
+    .tp_new = Group_new,
+    .tp_dealloc = (destructor)Group_dealloc,
+    .tp_methods = Group_methods,
+};
+
+/* ---- guardian ------------------------------------------------------- */
+
+static void guardian_after_fork_child(void)
+{
+    /* The launcher's end of the guardian pipe must not live on in children,
+       or the guardian would not see EOF when the launcher dies. */
+    if (guardian.write_fd >= 0)
+        (void)close(guardian.write_fd);
+    guardian.write_fd = -1;
+    guardian.pid = 0;
+}
+
+static int guardian_ensure(fs_error_t *err)
+{
+    if (guardian.write_fd >= 0 && guardian.owner == getpid())
+        return FS_OK;
+    return fs_guardian_start(&guardian, err);
+}
+
+static PyObject *py_guardian_watch(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int pgid;
+    if (!PyArg_ParseTuple(args, "i", &pgid))
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (guardian_ensure(&err) < 0 || fs_guardian_watch(&guardian, pgid, &err) < 0)
+        return fs_py_raise(&err);
+    return PyLong_FromLong(guardian.pid);
+}
+
+static PyObject *py_guardian_unwatch(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int pgid;
+    if (!PyArg_ParseTuple(args, "i", &pgid))
+        return NULL;
+    if (guardian.write_fd < 0 || guardian.owner != getpid())
+        Py_RETURN_NONE;
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (fs_guardian_unwatch(&guardian, pgid, &err) < 0)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
+/* guardian_restart(): after the guardian died, start a new one (the caller
+   registers its process groups again). */
+static PyObject *py_guardian_restart(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (guardian.write_fd >= 0 && guardian.owner == getpid()) {
+        (void)fs_guardian_stop(&guardian, 1000, &err);
+        fs_error_clear(&err);
+    }
+    guardian.write_fd = -1;
+    if (fs_guardian_start(&guardian, &err) < 0)
+        return fs_py_raise(&err);
+    return PyLong_FromLong(guardian.pid);
+}
+
+static PyObject *py_guardian_pid(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    if (guardian.write_fd < 0 || guardian.owner != getpid())
+        Py_RETURN_NONE;
+    return PyLong_FromLong(guardian.pid);
+}
+
+/* fork_rank(new_process_group, death_signal) -> pid (0 in the child): one
+   rank forked outside a group, as the zygote does. */
+static PyObject *py_fork_rank(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int new_pgrp, death_signal;
+    if (!PyArg_ParseTuple(args, "pi", &new_pgrp, &death_signal))
+        return NULL;
+    fs_fork_opts_t opts = {.new_process_group = new_pgrp,
+                           .parent_death_signal = death_signal,
+                           .guardian_fd = -1};
+    fs_error_t err;
+    fs_error_clear(&err);
+    PyOS_BeforeFork();
+    pid_t pid = fs_fork_rank(&opts, &err);
+    if (pid == 0) {
+        PyOS_AfterFork_Child();
+        return PyLong_FromLong(0);
+    }
+    PyOS_AfterFork_Parent();
+    if (pid < 0)
+        return fs_py_raise(&err);
+    return PyLong_FromLong((long)pid);
+}
+
+static PyObject *py_child_setup(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int new_pgrp, death_signal, expected_ppid;
+    if (!PyArg_ParseTuple(args, "pii", &new_pgrp, &death_signal, &expected_ppid))
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (fs_child_setup(new_pgrp, death_signal, (pid_t)expected_ppid, &err) < 0)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_signal_name(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int sig;
+    if (!PyArg_ParseTuple(args, "i", &sig))
+        return NULL;
+    const char *name = fs_signal_name(sig);
+    if (name == NULL)
+        Py_RETURN_NONE;
+    return PyUnicode_FromString(name);
+}
+
+static PyMethodDef supervise_functions[] = {
+    {"guardian_watch", py_guardian_watch, METH_VARARGS,
+     "guardian_watch(pgid) -> guardian pid; starts the guardian on first use"},
+    {"guardian_unwatch", py_guardian_unwatch, METH_VARARGS, "guardian_unwatch(pgid)"},
+    {"guardian_restart", py_guardian_restart, METH_NOARGS, "start a new guardian"},
+    {"guardian_pid", py_guardian_pid, METH_NOARGS, "this process's guardian pid or None"},
+    {"fork_rank", py_fork_rank, METH_VARARGS,
+     "fork_rank(new_process_group, death_signal) -> pid, 0 in the child"},
+    {"child_setup", py_child_setup, METH_VARARGS,
+     "child_setup(new_process_group, death_signal, expected_ppid)"},
+    {"signal_name", py_signal_name, METH_VARARGS, "signal_name(sig) -> 'SIGKILL' or None"},
+    {NULL, NULL, 0, NULL},
+};
+
+int fs_py_init_supervise(PyObject *module)
+{
+    static int atfork_done;
+    if (!atfork_done) {
+        int rc = pthread_atfork(NULL, NULL, guardian_after_fork_child);
+        if (rc != 0) {
+            errno = rc;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        atfork_done = 1;
+    }
+    if (PyType_Ready(&GroupType) < 0)
+        return -1;
+    Py_INCREF(&GroupType);
+    if (PyModule_AddObject(module, "Group", (PyObject *)&GroupType) < 0) {
+        Py_DECREF(&GroupType);
+        return -1;
+    }
+    if (PyModule_AddFunctions(module, supervise_functions) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(module, "PROC_RUNNING", FS_PROC_RUNNING) < 0 ||
+        PyModule_AddIntConstant(module, "PROC_EXITED", FS_PROC_EXITED) < 0)
+        return -1;
+    return 0;
+}

@@ -1,0 +1,43 @@
+"""fastspawn: a fast, safe drop-in for ``torch.multiprocessing.spawn``.
+
+    import fastspawn as mp          # instead of: import torch.multiprocessing as mp
+    mp.spawn(train, args=(cfg,), nprocs=4)
+
+Everything else of ``torch.multiprocessing`` (Queue, SimpleQueue, Process,
+get_context, sharing strategies, ...) is re-exported unchanged, so the module
+can replace it wholesale. See README.md for the semantics of the start methods.
+"""
+from __future__ import annotations
+
+import multiprocessing as _multiprocessing
+
+import torch.multiprocessing as _torch_mp
+from torch.multiprocessing import *  # noqa: F401,F403 - the drop-in namespace
+
+from . import _C  # noqa: F401 - fail early if the extension is missing
+from ._errors import (ArgumentPicklingError, ProcessException,  # noqa: F401
+                      ProcessExitedException, ProcessRaisedException, RankFailure)
+from ._launch import (DEFAULT_START_METHOD, START_METHODS, ProcessContext,  # noqa: F401
+                      RankProcess, fork_safety_issues, spawn, start_processes, start_zygote)
+from ._zygote import ZygoteError  # noqa: F401
+
+__version__ = "0.1.0"
+
+_MP_CONTEXT_FOR = {"auto": "forkserver", "zygote": "forkserver"}
+
+
+def get_context(method: str | None = None):
+    """multiprocessing's context for ``method``; fastspawn's own methods
+    ("auto", "zygote") map to "forkserver", whose Queues and locks can be
+    passed to ranks started any way fastspawn starts them."""
+    if method in _MP_CONTEXT_FOR:
+        method = _MP_CONTEXT_FOR[method]
+    return _multiprocessing.get_context(method)
+
+
+__all__ = list(_torch_mp.__all__) + [
+    "spawn", "start_processes", "ProcessContext", "RankProcess", "ProcessException",
+    "ProcessRaisedException", "ProcessExitedException", "ArgumentPicklingError",
+    "RankFailure", "ZygoteError", "start_zygote", "fork_safety_issues", "get_context",
+    "START_METHODS", "DEFAULT_START_METHOD",
+]

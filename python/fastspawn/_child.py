@@ -1,0 +1,132 @@
+"""What runs inside a rank: set the rank up, call ``fn(i, *args, **kwargs)``,
+send the result or the error report to the launcher, exit."""
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.process as _mp_process
+import multiprocessing.util as _mp_util
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from . import _C
+
+RESULT = "result"
+ERROR = "error"
+
+Payload = Tuple[Callable[..., Any], tuple, Dict[str, Any]]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def encode_error(exc: BaseException) -> bytes:
+    tb = traceback.format_exc()
+    try:
+        exc_bytes: Optional[bytes] = pickle.dumps(exc)
+    except Exception:  # an exception that does not pickle still has its traceback
+        exc_bytes = None
+    return pickle.dumps((ERROR, tb, exc_bytes))
+
+
+def encode_result(value: Any) -> bytes:
+    if value is None:
+        return pickle.dumps((RESULT, None, None))
+    try:
+        return pickle.dumps((RESULT, pickle.dumps(value, protocol=5), None))
+    except Exception as exc:
+        note = f"the return value of type {type(value).__name__} could not be pickled: {exc}"
+        return pickle.dumps((RESULT, None, note))
+
+
+def run_rank(index: int, load: Callable[[], Payload], report_fd: int) -> int:
+    """Run the rank function; report; return the exit code to use."""
+    try:
+        fn, args, kwargs = load()
+        result = fn(index, *args, **kwargs)
+    except KeyboardInterrupt:
+        # Like torch: the launcher forwarded Ctrl-C; end quietly.
+        return 0
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code & 0xFF
+        print(code, file=sys.stderr)
+        return 1
+    except BaseException as exc:  # noqa: BLE001 - every error is reported
+        _write_all(report_fd, encode_error(exc))
+        return 1
+    _write_all(report_fd, encode_result(result))
+    return 0
+
+
+def _become_rank(index: int, env: Dict[str, str], daemon: bool) -> None:
+    """Make multiprocessing and the environment see a new process (after fork)."""
+    os.environ.update(env)
+    proc = multiprocessing.process.BaseProcess(name=f"fastspawn-rank-{index}")
+    proc._config = dict(_mp_process._current_process._config)  # type: ignore[attr-defined]
+    proc._parent_pid = os.getppid()  # type: ignore[attr-defined]
+    proc.daemon = daemon
+    _mp_process._current_process = proc  # type: ignore[attr-defined]
+    _mp_process._children = set()  # type: ignore[attr-defined]
+    _mp_util._finalizer_registry.clear()  # type: ignore[attr-defined]
+    _mp_util._run_after_forkers()  # type: ignore[attr-defined]
+    if hasattr(threading.main_thread(), "_set_native_id"):
+        threading.main_thread()._set_native_id()  # type: ignore[attr-defined]
+    from . import _launch
+
+    _launch._reset_after_fork()
+
+
+def _exit_process(code: int) -> None:
+    """Leave like multiprocessing's children do: flush Queues, then _exit."""
+    try:
+        _mp_util._exit_function()  # type: ignore[attr-defined]
+        threading._shutdown()  # type: ignore[attr-defined]
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+def forked_rank_main(index: int, load: Callable[[], Payload], report_fd: int,
+                     env: Dict[str, str], daemon: bool) -> None:
+    """Entry point of a rank forked by fastspawn (directly or by the zygote)."""
+    code = 1
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _become_rank(index, env, daemon)
+        code = run_rank(index, load, report_fd)
+    finally:
+        try:
+            os.close(report_fd)
+        except OSError:
+            pass
+        _exit_process(code)
+
+
+def mp_rank_main(index: int, fn: Callable[..., Any], args: tuple, kwargs: Dict[str, Any],
+                 report_conn: Any, env: Dict[str, str], death_signal: int,
+                 launcher_pid: int) -> None:
+    """Entry point of a rank started by multiprocessing (spawn / forkserver)."""
+    _C.child_setup(True, death_signal, launcher_pid)
+    os.environ.update(env)
+    code = run_rank(index, lambda: (fn, args, kwargs), report_conn.fileno())
+    report_conn.close()
+    if code != 0:
+        sys.exit(code)

@@ -1,0 +1,88 @@
+"""Exceptions raised by fastspawn's launcher, compatible with torch's."""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from typing import List, Optional
+
+try:  # Subclass torch's own classes so existing `except` clauses still catch ours.
+    from torch.multiprocessing.spawn import ProcessException as _ProcessException
+    from torch.multiprocessing.spawn import ProcessExitedException as _ProcessExited
+    from torch.multiprocessing.spawn import ProcessRaisedException as _ProcessRaised
+except ImportError:  # pragma: no cover - torch is a dependency, but keep the API importable
+
+    class _ProcessException(Exception):  # type: ignore[no-redef]
+        def __init__(self, msg: str, error_index: int, error_pid: int):
+            super().__init__(msg)
+            self.msg = msg
+            self.error_index = error_index
+            self.error_pid = error_pid
+
+        def __reduce__(self):
+            return type(self), (self.msg, self.error_index, self.error_pid)
+
+    class _ProcessRaised(_ProcessException):  # type: ignore[no-redef]
+        pass
+
+    class _ProcessExited(_ProcessException):  # type: ignore[no-redef]
+        def __init__(self, msg, error_index, error_pid, exit_code, signal_name=None):
+            super().__init__(msg, error_index, error_pid)
+            self.exit_code = exit_code
+            self.signal_name = signal_name
+
+        def __reduce__(self):
+            return type(self), (self.msg, self.error_index, self.error_pid, self.exit_code,
+                                self.signal_name)
+
+
+@dataclasses.dataclass
+class RankFailure:
+    """What went wrong in one rank, as the launcher saw it."""
+
+    index: int
+    pid: int
+    exit_code: Optional[int]  # None when a signal ended it
+    signal_name: Optional[str]  # "SIGKILL" etc. when a signal ended it
+    traceback: Optional[str]  # the rank's formatted traceback, if it raised
+    exception: Optional[BaseException]  # the unpickled exception, if it could be
+    order: int  # 1 for the first rank seen to exit, 2 for the next ...
+    killed_by_launcher: bool = False  # the launcher had signalled it before it died
+
+    def summary(self) -> str:
+        if self.traceback:
+            last = self.traceback.rstrip().splitlines()[-1] if self.traceback.strip() else ""
+            return f"process {self.index} (pid {self.pid}) raised: {last}"
+        if self.signal_name:
+            return f"process {self.index} (pid {self.pid}) terminated with signal {self.signal_name}"
+        return f"process {self.index} (pid {self.pid}) terminated with exit code {self.exit_code}"
+
+
+ProcessException = _ProcessException
+
+
+class ProcessRaisedException(_ProcessRaised):
+    """A rank raised an exception; the message carries its traceback.
+
+    ``failures`` lists every failed rank, root cause first.
+    """
+
+    failures: List[RankFailure]
+
+
+class ProcessExitedException(_ProcessExited):
+    """A rank exited with a non-zero code or was killed by a signal.
+
+    ``failures`` lists every failed rank, root cause first.
+    """
+
+    failures: List[RankFailure]
+
+
+class ArgumentPicklingError(TypeError, pickle.PicklingError):
+    """The function or its arguments cannot be sent to the ranks."""
+
+
+OOM_HINT = (
+    "SIGKILL usually means the kernel's out-of-memory killer ended the process "
+    "(check `dmesg` or `journalctl -k` for 'Out of memory'), or another program killed it."
+)

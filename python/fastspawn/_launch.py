@@ -1,0 +1,628 @@
+"""spawn / start_processes / ProcessContext: the launcher.
+
+The C supervisor (fastspawn._C.Group) starts or adopts the ranks, watches them
+with pidfds in one epoll set, collects each rank's report, and stops them
+(signal to each rank's process group, grace period, SIGKILL, reap). A guardian
+process kills every rank's process group if this process dies, even by SIGKILL.
+"""
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import warnings
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+from . import _C, _child, _pickle, _zygote
+from ._errors import (OOM_HINT, ProcessExitedException, ProcessRaisedException,
+                      RankFailure)
+
+START_METHODS = ("auto", "fork", "zygote", "spawn", "forkserver")
+#: fastspawn's default: fork when that is safe, else fork from the zygote.
+DEFAULT_START_METHOD = "auto"
+#: How long to wait for the zygote to import torch and answer (first call).
+ZYGOTE_TIMEOUT = 300.0
+#: After the first failure, how long other ranks get to finish failing on their
+#: own (so their errors are reported too) before they are sent SIGTERM.
+FAILURE_SETTLE_SECONDS = 0.25
+#: torch's default time between SIGTERM and SIGKILL after a failure.
+DEFAULT_TERMINATE_GRACE = 30.0
+#: Time between the forwarded Ctrl-C / SIGTERM and SIGKILL.
+INTERRUPT_GRACE = 5.0
+
+_watched: set = set()
+_live_contexts: "weakref.WeakSet[ProcessContext]" = weakref.WeakSet()
+
+
+# ------------------------------------------------------------------ guardian
+
+
+def _guardian_watch(pgid: int) -> None:
+    """Make the guardian kill this process group if we die."""
+    try:
+        _C.guardian_watch(pgid)
+    except ConnectionError:  # the guardian was killed: start another, re-register
+        _C.guardian_restart()
+        for other in _watched:
+            _C.guardian_watch(other)
+        _C.guardian_watch(pgid)
+    _watched.add(pgid)
+
+
+def _guardian_unwatch(pgid: int) -> None:
+    if pgid in _watched:
+        _watched.discard(pgid)
+        try:
+            _C.guardian_unwatch(pgid)
+        except OSError:
+            pass
+
+
+def _reset_after_fork() -> None:
+    """In a new rank: the launcher's bookkeeping is not ours."""
+    _watched.clear()
+    for ctx in list(_live_contexts):
+        ctx._orphaned = True
+    _live_contexts.clear()
+    _zygote.forget_after_fork()
+
+
+# ------------------------------------------------------------------ checks
+
+
+def fork_safety_issues() -> List[str]:
+    """Why forking this process could be unsafe (empty when it is safe)."""
+    reasons = []
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_initialized():
+                reasons.append("CUDA is initialised in this process (a forked child cannot use it)")
+        except Exception:
+            pass
+        dist = sys.modules.get("torch.distributed")
+        try:
+            if dist is not None and dist.is_available() and dist.is_initialized():
+                reasons.append("a torch.distributed process group exists in this process")
+        except Exception:
+            pass
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        reasons.append(f"other Python threads run ({', '.join(others[:3])}"
+                       f"{', ...' if len(others) > 3 else ''}) and may hold locks")
+    return reasons
+
+
+def _resolve_start_method(start_method: str) -> str:
+    if not isinstance(start_method, str) or start_method not in START_METHODS:
+        raise ValueError(f"unknown start_method {start_method!r}: use one of "
+                         f"{', '.join(repr(m) for m in START_METHODS)}")
+    if start_method == "auto":
+        return "zygote" if fork_safety_issues() else "fork"
+    if start_method == "fork":
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            raise RuntimeError(
+                "fastspawn: cannot fork: CUDA is initialised in this process, and a forked "
+                "child cannot use CUDA. Use start_method='zygote' (fast: forks from a clean "
+                "interpreter that already imported torch), 'spawn' or 'auto'.")
+    return start_method
+
+
+def _check_seconds(value: Optional[float], name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0 seconds or None, got {value!r}")
+
+
+def _validate(fn: Any, args: Any, nprocs: Any, kwargs: Any, daemon: Any) -> tuple:
+    if isinstance(nprocs, bool) or not isinstance(nprocs, int):
+        raise TypeError(f"nprocs must be an int, got {type(nprocs).__name__} {nprocs!r}")
+    if nprocs < 1:
+        raise ValueError(f"nprocs must be at least 1, got {nprocs}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (called as fn(i, *args)), got "
+                        f"{type(fn).__name__} {fn!r}")
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"args must be a tuple of arguments for fn, got {type(args).__name__}; "
+                        "for one argument write args=(x,)")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
+    if not isinstance(daemon, bool):
+        raise TypeError(f"daemon must be a bool, got {type(daemon).__name__}")
+    return tuple(args), dict(kwargs or {})
+
+
+def rank_environment(index: int, nprocs: int) -> Dict[str, str]:
+    """Environment variables a rank gets (torchrun's names)."""
+    return {"RANK": str(index), "LOCAL_RANK": str(index), "WORLD_SIZE": str(nprocs),
+            "LOCAL_WORLD_SIZE": str(nprocs)}
+
+
+# ------------------------------------------------------------------ processes
+
+
+def _wait_status(exitcode: int) -> int:
+    """multiprocessing's exitcode (negative: signal) as a wait(2) status."""
+    return (-exitcode) & 0x7F if exitcode < 0 else (exitcode & 0xFF) << 8
+
+
+class RankProcess:
+    """A rank started by fork or the zygote: the parts of multiprocessing.Process
+    that code uses on ``ProcessContext.processes``."""
+
+    def __init__(self, context: "ProcessContext", index: int, pid: int, daemon: bool):
+        self._context = context
+        self.index = index
+        self.pid = pid
+        self.name = f"fastspawn-rank-{index}"
+        self.daemon = daemon
+
+    @property
+    def ident(self) -> int:
+        return self.pid
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        return self._context._exitcode(self.index)
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        _check_seconds(timeout, "timeout")
+        self._context._wait_for(self.index, timeout)
+
+    def terminate(self) -> None:
+        self._context._signal_one(self.index, signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._context._signal_one(self.index, signal.SIGKILL)
+
+    def __repr__(self) -> str:
+        code = self.exitcode
+        state = "started" if code is None else f"stopped exitcode={code}"
+        return f"<RankProcess name={self.name!r} pid={self.pid} {state}>"
+
+
+class _LauncherTerminated(BaseException):
+    """SIGTERM arrived while joining: forward it, then die by it."""
+
+
+class ProcessContext:
+    """Handle of a group of running ranks (torch.multiprocessing's ProcessContext)."""
+
+    def __init__(self, group: Any, nprocs: int, start_method: str, daemon: bool):
+        self._group = group
+        self.nprocs = nprocs
+        self.start_method = start_method
+        self.daemon = daemon
+        self.processes: List[Any] = []
+        self._mp_processes: Optional[List[Any]] = None
+        self._exit: List[Optional[int]] = [None] * nprocs  # cached after close
+        self._results: Optional[List[Any]] = None
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self._orphaned = False
+        _live_contexts.add(self)
+
+    # --- torch's API -------------------------------------------------
+    def pids(self) -> List[int]:
+        return [int(p.pid) for p in self.processes]
+
+    def join(self, timeout: Optional[float] = None, grace_period: Optional[float] = None) -> bool:
+        """Wait for the ranks.
+
+        Returns True when every rank exited with code 0, False if ``timeout``
+        seconds passed first. On the first failure the other ranks get
+        SIGTERM, then after ``grace_period`` (default 30 s) SIGKILL, and the
+        failure is raised as ProcessRaisedException / ProcessExitedException.
+        Ctrl-C (or SIGTERM) while joining is forwarded to every rank the same way.
+        """
+        _check_seconds(timeout, "timeout")
+        _check_seconds(grace_period, "grace_period")
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        restore = self._install_sigterm_handler()
+        try:
+            while True:
+                self._sync_external()
+                if self._first_failure() is not None:
+                    self._fail(grace_period)
+                if self._group.running() == 0:
+                    self._finish_success()
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._group.wait(remaining)
+        except KeyboardInterrupt:
+            self._abort(signal.SIGINT, grace_period)
+            raise
+        except _LauncherTerminated:
+            self._abort(signal.SIGTERM, grace_period)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            restore = None
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise
+        finally:
+            if restore is not None:
+                restore()
+
+    def results(self) -> List[Any]:
+        """Each rank's return value (None where fn returned nothing), after join."""
+        if self._error is not None:
+            raise RuntimeError("the ranks failed; see the exception join() raised") from self._error
+        if self._results is None:
+            raise RuntimeError("results() needs the ranks to have finished: call join() until "
+                               "it returns True first")
+        return list(self._results)
+
+    def terminate(self, grace_period: float = INTERRUPT_GRACE) -> None:
+        """Stop every rank now (SIGTERM, grace period, SIGKILL) and reap them."""
+        _check_seconds(grace_period, "grace_period")
+        if not self._closed:
+            self._abort(signal.SIGTERM, grace_period)
+
+    # --- internals -----------------------------------------------------
+    def _install_sigterm_handler(self) -> Optional[Callable[[], None]]:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return None  # the program handles SIGTERM itself
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            raise _LauncherTerminated()
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _info(self, index: int) -> tuple:
+        return self._group.info(index)
+
+    def _exitcode(self, index: int) -> Optional[int]:
+        if self._closed:
+            return self._exit[index]
+        self._sync_external()
+        pid, state, code, sig, _order, _killed, _gone = self._info(index)
+        if state != _C.PROC_EXITED:
+            return None
+        return -sig if sig else code
+
+    def _wait_for(self, index: int, timeout: Optional[float]) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._closed and self._exitcode(index) is None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            self._group.wait(remaining)
+
+    def _signal_one(self, index: int, sig: int) -> None:
+        if self._closed or self._exitcode(index) is not None:
+            return
+        pid = self.processes[index].pid
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _sync_external(self) -> None:
+        """Ranks multiprocessing reaps: take their exit status from it."""
+        if self._mp_processes is None or self._closed:
+            return
+        for index, proc in enumerate(self._mp_processes):
+            _pid, state, _c, _s, _o, _k, gone = self._info(index)
+            if state != _C.PROC_EXITED and gone:
+                proc.join(5.0)
+                if proc.exitcode is not None:
+                    self._group.set_exit(index, _wait_status(proc.exitcode))
+
+    def _first_failure(self) -> Optional[int]:
+        first, first_order = None, None
+        for index in range(self.nprocs):
+            _pid, state, code, sig, order, _killed, _gone = self._info(index)
+            if state == _C.PROC_EXITED and (code != 0 or sig):
+                if first_order is None or order < first_order:
+                    first, first_order = index, order
+        return first
+
+    def _wait_until_done(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self._group.running() > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._group.wait(remaining)
+            self._sync_external()
+
+    def _stop_all(self, sig: int, grace: float) -> None:
+        self._group.terminate(sig, grace)
+        if self._mp_processes is not None:
+            for proc in self._mp_processes:
+                proc.join(5.0)
+                if proc.exitcode is None:
+                    proc.kill()
+                    proc.join(5.0)
+            self._sync_external()
+
+    def _fail(self, grace_period: Optional[float]) -> None:
+        # Let ranks that are failing too finish their reports, then stop the rest.
+        self._wait_until_done(FAILURE_SETTLE_SECONDS if grace_period is None else grace_period)
+        self._stop_all(signal.SIGTERM,
+                       DEFAULT_TERMINATE_GRACE if grace_period is None else grace_period)
+        failures = self._collect_failures()
+        self._error = _build_exception(failures)
+        self._close()
+        raise self._error
+
+    def _abort(self, sig: int, grace_period: Optional[float]) -> None:
+        self._stop_all(sig, INTERRUPT_GRACE if grace_period is None else grace_period)
+        self._close()
+
+    def _collect_failures(self) -> List[RankFailure]:
+        failures = []
+        for index in range(self.nprocs):
+            pid, state, code, sig, order, killed, _gone = self._info(index)
+            if state != _C.PROC_EXITED or (code == 0 and not sig):
+                continue
+            traceback, exception = _decode_error(self._group.report(index))
+            if killed and traceback is None:
+                continue  # stopped by us after another rank failed: not a cause
+            failures.append(RankFailure(
+                index=index, pid=pid, exit_code=None if sig else code,
+                signal_name=(_C.signal_name(sig) or f"<Unknown signal {sig}>") if sig else None,
+                traceback=traceback, exception=exception, order=order,
+                killed_by_launcher=bool(killed)))
+        failures.sort(key=lambda f: f.order)
+        return failures
+
+    def _finish_success(self) -> None:
+        results = []
+        for index in range(self.nprocs):
+            value, note = _decode_result(self._group.report(index))
+            if note:
+                warnings.warn(f"fastspawn: process {index}: {note}; its result is None",
+                              RuntimeWarning, stacklevel=3)
+            results.append(value)
+        self._results = results
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        for index in range(self.nprocs):
+            pid, state, code, sig, _o, _k, _g = self._info(index)
+            self._exit[index] = (-sig if sig else code) if state == _C.PROC_EXITED else None
+            if pid > 0:
+                _guardian_unwatch(pid)
+        self._closed = True
+        self._group.close()
+        _live_contexts.discard(self)
+
+    def __del__(self) -> None:
+        # An abandoned context must not leave ranks behind (Group's dealloc kills).
+        if not getattr(self, "_closed", True) and not getattr(self, "_orphaned", False):
+            for pid in list(self.pids()):
+                _guardian_unwatch(pid)
+
+
+def _decode_error(report: bytes) -> tuple:
+    if not report:
+        return None, None
+    try:
+        kind, tb, exc_bytes = pickle.loads(report)
+    except Exception:
+        return None, None
+    if kind != _child.ERROR:
+        return None, None
+    exception = None
+    if exc_bytes is not None:
+        try:
+            exception = pickle.loads(exc_bytes)
+        except Exception:
+            exception = None
+    return tb, exception
+
+
+def _decode_result(report: bytes) -> tuple:
+    if not report:
+        return None, None
+    kind, value_bytes, note = pickle.loads(report)
+    if kind != _child.RESULT:
+        return None, None
+    if value_bytes is None:
+        return None, note
+    try:
+        return pickle.loads(value_bytes), None
+    except Exception as exc:
+        return None, f"its return value could not be unpickled here: {exc}"
+
+
+def _build_exception(failures: List[RankFailure]) -> BaseException:
+    root = failures[0]
+    if root.traceback is not None:
+        msg = f"\n\n-- Process {root.index:d} terminated with the following error:\n"
+        msg += root.traceback
+        exc: BaseException = ProcessRaisedException(msg, root.index, root.pid)
+    elif root.signal_name is not None:
+        msg = f"process {root.index:d} terminated with signal {root.signal_name}"
+        signum = getattr(signal.Signals, root.signal_name, None) if root.signal_name.startswith(
+            "SIG") else None
+        if root.signal_name == "SIGKILL" and not root.killed_by_launcher:
+            msg += f"\nHint: {OOM_HINT}"
+        exc = ProcessExitedException(msg, root.index, root.pid,
+                                     exit_code=-int(signum) if signum is not None else -1,
+                                     signal_name=root.signal_name)
+    else:
+        msg = f"process {root.index:d} terminated with exit code {root.exit_code:d}"
+        exc = ProcessExitedException(msg, root.index, root.pid, exit_code=root.exit_code)
+    exc.failures = failures  # type: ignore[attr-defined]
+    if len(failures) > 1:
+        lines = "\n".join(f"  {f.summary()}" for f in failures)
+        exc.add_note(f"fastspawn: {len(failures)} processes failed, root cause first:\n{lines}")
+    return exc
+
+
+# ------------------------------------------------------------------ starting
+
+
+def _start_forked(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool,
+                  envs: List[Dict[str, str]]) -> ProcessContext:
+    group = _C.Group(nprocs)
+    ctx = ProcessContext(group, nprocs, "fork", daemon)
+    death = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
+    try:
+        for index in range(nprocs):
+            pid, report_fd = group.fork(index, True, death)
+            if pid == 0:  # the new rank; never returns
+                _child.forked_rank_main(index, lambda: (fn, args, kwargs), report_fd,
+                                        envs[index], daemon)
+            _guardian_watch(pid)
+            ctx.processes.append(RankProcess(ctx, index, pid, daemon))
+    except BaseException:
+        ctx._abort(signal.SIGKILL, 0)
+        raise
+    return ctx
+
+
+def _start_zygote(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool,
+                  envs: List[Dict[str, str]]) -> ProcessContext:
+    payload, user_fds = _pickle.dumps_with_fds((fn, args, kwargs), "zygote")
+    zygote = _zygote.get()
+    group = _C.Group(nprocs)
+    ctx = ProcessContext(group, nprocs, "zygote", daemon)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    report_fds: List[int] = []
+    try:
+        for index in range(nprocs):
+            report_fds.append(group.prepare_report(index))
+        request = {"nprocs": nprocs, "payload": payload, "env": envs, "daemon": daemon,
+                   "environ": dict(os.environ), "cwd": os.getcwd(), "sys_path": list(sys.path)}
+        pids = zygote.spawn(request, [status_w] + report_fds + user_fds, ZYGOTE_TIMEOUT)
+    except BaseException:
+        os.close(status_r)
+        group.close()
+        raise
+    finally:
+        os.close(status_w)
+        for fd in report_fds:
+            os.close(fd)
+    group.attach_status_fd(status_r)
+    for index, pid in enumerate(pids):
+        group.adopt(index, pid, False)
+        _guardian_watch(pid)
+        ctx.processes.append(RankProcess(ctx, index, pid, daemon))
+    return ctx
+
+
+def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool,
+              envs: List[Dict[str, str]], method: str) -> ProcessContext:
+    mp = multiprocessing.get_context(method)
+    send_fn = _pickle.ByValue(fn) if _pickle.needs_by_value(fn) else fn
+    _pickle.check_picklable_for_mp(send_fn, args, kwargs, method)
+    group = _C.Group(nprocs)
+    ctx = ProcessContext(group, nprocs, method, daemon)
+    ctx._mp_processes = []
+    death = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
+    launcher = os.getpid() if method == "spawn" else 0
+    try:
+        for index in range(nprocs):
+            conn = multiprocessing.connection.Connection(group.prepare_report(index),
+                                                         readable=False)
+            proc = mp.Process(target=_child.mp_rank_main, name=f"fastspawn-rank-{index}",
+                              args=(index, send_fn, args, kwargs, conn, envs[index], death,
+                                    launcher), daemon=daemon)
+            try:
+                proc.start()
+            finally:
+                conn.close()
+            group.adopt(index, proc.pid, False)
+            _guardian_watch(proc.pid)
+            ctx._mp_processes.append(proc)
+            ctx.processes.append(proc)
+    except BaseException:
+        ctx._abort(signal.SIGKILL, 0)
+        raise
+    return ctx
+
+
+def start_processes(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: int = 1,
+                    join: bool = True, daemon: bool = False,
+                    start_method: str = DEFAULT_START_METHOD, *,
+                    kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    """Start ``nprocs`` processes running ``fn(i, *args, **kwargs)``.
+
+    Returns the list of each rank's return value when ``join`` is True, else a
+    :class:`ProcessContext`. ``start_method``: ``"auto"`` (default: fork when
+    this process is fork-safe, else the zygote), ``"fork"``, ``"zygote"``,
+    ``"spawn"`` or ``"forkserver"``.
+    """
+    args, kwargs = _validate(fn, args, nprocs, kwargs, daemon)
+    if not isinstance(join, bool):
+        raise TypeError(f"join must be a bool, got {type(join).__name__}")
+    method = _resolve_start_method(start_method)
+    envs = [rank_environment(i, nprocs) for i in range(nprocs)]
+    if method == "fork":
+        ctx = _start_forked(fn, args, kwargs, nprocs, daemon, envs)
+    elif method == "zygote":
+        ctx = _start_zygote(fn, args, kwargs, nprocs, daemon, envs)
+    else:
+        ctx = _start_mp(fn, args, kwargs, nprocs, daemon, envs, method)
+    if not join:
+        return ctx
+    while not ctx.join():
+        pass
+    return ctx.results()
+
+
+def spawn(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: int = 1, join: bool = True,
+          daemon: bool = False, start_method: str = DEFAULT_START_METHOD, *,
+          kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    """Drop-in for ``torch.multiprocessing.spawn``: run ``fn(i, *args)`` in
+    ``nprocs`` processes. Unlike torch's, any start method is accepted (default
+    ``"auto"``), ``kwargs`` are passed on, and when ``join`` is True the list of
+    return values is returned (torch returns None)."""
+    return start_processes(fn, args, nprocs, join, daemon, start_method, kwargs=kwargs)
+
+
+def start_zygote() -> None:
+    """Start the zygote now (it imports torch in the background), so the first
+    ``start_method="zygote"``/``"auto"`` spawn that needs it does not wait."""
+    _zygote.get()
+
+
+@atexit.register
+def _join_at_exit() -> None:
+    # Like multiprocessing: wait for non-daemonic ranks, stop daemonic ones.
+    for ctx in list(_live_contexts):
+        if ctx._orphaned or ctx._closed:
+            continue
+        try:
+            if ctx.daemon:
+                ctx.terminate()
+            else:
+                while not ctx.join():
+                    pass
+        except BaseException as exc:  # noqa: BLE001 - report, keep cleaning up
+            print(f"fastspawn: at exit: {exc}", file=sys.stderr)
+
+
+__all__: Iterable[str] = ("spawn", "start_processes", "ProcessContext", "RankProcess",
+                          "start_zygote", "fork_safety_issues", "START_METHODS",
+                          "DEFAULT_START_METHOD")

@@ -1,0 +1,305 @@
+"""The zygote: a clean interpreter that has already imported torch and forks
+ranks on request.
+
+Forking the launcher is the fastest start, but unsafe once the launcher has
+initialised CUDA, holds a process group or runs other threads. The zygote is
+started early (``fastspawn.start_zygote()``, or on first need), imports torch
+once, and then forks all N ranks of a request in one go, so a warm start costs
+N small forks instead of N torch imports. It is reused across spawn calls.
+
+Protocol (one Unix stream socket pair, launcher <-> zygote):
+  zygote -> launcher: a frame {"ready": True} once its imports are done.
+  launcher -> zygote: a frame with the request (and, on the same sendmsg, the
+      fds: status pipe, one report pipe per rank, then the fds that the pickled
+      arguments need).
+  zygote -> launcher: a frame {"pids": [...]} or {"error": "..."}.
+  The zygote reaps its ranks and writes {int32 pid, int32 wait status} records
+  to the request's status pipe, which the launcher's C supervisor reads.
+A frame is an 8-byte little-endian length and a pickle.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import _C
+
+_LEN = struct.Struct("<Q")
+MAX_FDS = 253  # SCM_RIGHTS limit per message
+DEFAULT_PRELOAD = ("torch",)
+
+
+def _send_frame(sock: socket.socket, obj: Any, fds: List[int] = ()) -> None:
+    body = pickle.dumps(obj, protocol=5)
+    data = _LEN.pack(len(body)) + body
+    if fds:
+        sent = socket.send_fds(sock, [data[:4096]], list(fds))
+        sock.sendall(data[sent:])
+    else:
+        sock.sendall(data)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytes:
+    chunks = []
+    while n > 0:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out waiting for the fastspawn zygote")
+            sock.settimeout(left)
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise ConnectionError("the fastspawn zygote closed its connection")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv_frame(sock: socket.socket, deadline: Optional[float] = None,
+                maxfds: int = 0) -> Tuple[Any, List[int]]:
+    fds: List[int] = []
+    if maxfds:
+        if deadline is not None:
+            sock.settimeout(max(0.0, deadline - time.monotonic()))
+        head, fds, _flags, _addr = socket.recv_fds(sock, _LEN.size, maxfds)
+        if not head:
+            raise ConnectionError("the fastspawn zygote connection closed")
+        head += _recv_exact(sock, _LEN.size - len(head), deadline)
+    else:
+        head = _recv_exact(sock, _LEN.size, deadline)
+    (length,) = _LEN.unpack(head)
+    return pickle.loads(_recv_exact(sock, length, deadline)), fds
+
+
+# ---------------------------------------------------------------- launcher side
+
+
+class ZygoteError(RuntimeError):
+    """The zygote could not start or answer."""
+
+
+class Zygote:
+    """Launcher-side handle of one zygote process."""
+
+    def __init__(self, preload: Tuple[str, ...] = DEFAULT_PRELOAD):
+        self.preload = tuple(preload)
+        self.owner = os.getpid()
+        self.lock = threading.Lock()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [pkg_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        code = ("import sys; from fastspawn._zygote import serve; "
+                f"serve({child.fileno()}, {os.getpid()}, {list(self.preload)!r})")
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child.fileno()],
+                                         env=env, stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        self.sock = parent
+        self.ready = False
+        from . import _launch
+
+        _launch._guardian_watch(self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.owner == os.getpid() and self.proc.poll() is None
+
+    def _failed(self, what: str) -> ZygoteError:
+        code = self.proc.poll()
+        state = f"exited with code {code}" if code is not None else "is still running"
+        return ZygoteError(
+            f"fastspawn zygote (pid {self.proc.pid}) {what}; it {state} (its output, if any, "
+            f"is above). Preloaded modules: {', '.join(self.preload)}. "
+            "Use start_method='fork' or 'spawn' to work without it.")
+
+    def wait_ready(self, timeout: float) -> None:
+        if self.ready:
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            msg, _ = _recv_frame(self.sock, deadline)
+        except (ConnectionError, OSError) as exc:
+            raise self._failed(f"failed while starting ({exc})") from exc
+        if not (isinstance(msg, dict) and msg.get("ready")):
+            raise self._failed(f"sent an unexpected greeting {msg!r}")
+        self.ready = True
+
+    def spawn(self, request: Dict[str, Any], fds: List[int], timeout: float) -> List[int]:
+        if len(fds) > MAX_FDS:
+            raise ValueError(f"too many file descriptors to pass to the zygote ({len(fds)} > "
+                             f"{MAX_FDS}); use fewer ranks or start_method='fork'")
+        with self.lock:
+            self.wait_ready(timeout)
+            try:
+                _send_frame(self.sock, request, fds)
+                reply, _ = _recv_frame(self.sock, time.monotonic() + timeout)
+            except (ConnectionError, OSError) as exc:
+                raise self._failed(f"stopped answering ({exc})") from exc
+        if "error" in reply:
+            raise ZygoteError(f"fastspawn zygote could not start the ranks: {reply['error']}")
+        return list(reply["pids"])
+
+    def close(self) -> None:
+        if self.owner != os.getpid():
+            return
+        try:
+            self.sock.close()
+        finally:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+_zygote: Optional[Zygote] = None
+_zygote_lock = threading.Lock()
+
+
+def get(preload: Tuple[str, ...] = DEFAULT_PRELOAD) -> Zygote:
+    """This process's zygote, started if needed (a forked rank gets its own)."""
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None or not _zygote.alive() or _zygote.preload != tuple(preload):
+            if _zygote is not None and _zygote.owner == os.getpid():
+                _zygote.close()
+            _zygote = Zygote(preload)
+        return _zygote
+
+
+def forget_after_fork() -> None:
+    global _zygote
+    _zygote = None
+
+
+# ---------------------------------------------------------------- zygote side
+
+
+class _Server:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel.register(sock, selectors.EVENT_READ)
+        self.sel.register(self.wake_r, selectors.EVENT_READ)
+        self.status_of: Dict[int, int] = {}  # rank pid -> its request's status fd
+        self.left: Dict[int, int] = {}  # status fd -> ranks not yet reaped
+
+    def run(self) -> None:
+        while True:
+            for key, _ in self.sel.select():
+                if key.fileobj is self.sock:
+                    if not self.handle_request():
+                        return
+                else:
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+            self.reap()
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            fd = self.status_of.pop(pid, None)
+            if fd is None:
+                continue
+            try:
+                os.write(fd, struct.pack("=ii", pid, status))
+            except OSError:
+                pass  # the launcher is gone; nothing to tell
+            self.left[fd] -= 1
+            if self.left[fd] == 0:
+                del self.left[fd]
+                os.close(fd)
+
+    def handle_request(self) -> bool:
+        try:
+            req, fds = _recv_frame(self.sock, None, MAX_FDS)
+        except (ConnectionError, OSError):
+            return False  # the launcher is gone: stop
+        nprocs = req["nprocs"]
+        status_fd, report_fds, user_fds = fds[0], fds[1:1 + nprocs], fds[1 + nprocs:]
+        pids: List[int] = []
+        try:
+            for index in range(nprocs):
+                pid = _C.fork_rank(True, signal.SIGKILL)
+                if pid == 0:
+                    self.become_rank(index, req, report_fds[index], status_fd, user_fds,
+                                     report_fds)
+                pids.append(pid)
+        except OSError as exc:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            for fd in fds:
+                os.close(fd)
+            _send_frame(self.sock, {"error": f"fork failed: {exc}"})
+            return True
+        for fd in report_fds + user_fds:
+            os.close(fd)
+        for pid in pids:
+            self.status_of[pid] = status_fd
+        self.left[status_fd] = nprocs
+        _send_frame(self.sock, {"pids": pids})
+        return True
+
+    def become_rank(self, index: int, req: Dict[str, Any], report_fd: int, status_fd: int,
+                    user_fds: List[int], report_fds: List[int]) -> None:
+        # Undo the zygote's own set-up, then run the rank; never returns.
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.sel.close()
+        self.sock.close()
+        for fd in [self.wake_r, self.wake_w, status_fd, *self.left] + [
+                f for f in report_fds if f != report_fd]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        os.environ.clear()
+        os.environ.update(req["environ"])
+        try:
+            os.chdir(req["cwd"])
+        except OSError:
+            pass
+        sys.path[:] = req["sys_path"]
+        from . import _child, _pickle
+
+        _pickle.set_inherited_fds(user_fds)
+        _child.forked_rank_main(index, lambda: _pickle.loads(req["payload"]), report_fd,
+                                req["env"][index], req["daemon"])
+
+
+def serve(fd: int, launcher_pid: int, preload: List[str]) -> None:
+    """Main loop of the zygote process."""
+    _C.child_setup(True, signal.SIGKILL, launcher_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to forward
+    sock = socket.socket(fileno=fd)
+    import importlib
+
+    for name in preload:
+        importlib.import_module(name)
+    import fastspawn._child  # noqa: F401 - what every rank needs, imported once here
+    import fastspawn._pickle  # noqa: F401
+
+    _send_frame(sock, {"ready": True})
+    _Server(sock).run()
