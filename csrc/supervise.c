@@ -194,6 +194,16 @@ static int drain_report(fs_group_t *g, fs_proc_t *p, fs_error_t *err)
     return FS_OK;
 }
 
+/* The rank is seen to have exited: its place in the exit order is now, even
+   if its status arrives later (from the zygote), so "root cause first" holds. */
+static void mark_gone(fs_group_t *g, fs_proc_t *p)
+{
+    if (p->exit_order == 0)
+        p->exit_order = ++g->exits_seen;
+    p->gone = 1;
+    g->events++;
+}
+
 static void record_exit(fs_group_t *g, fs_proc_t *p, int wait_status)
 {
     p->state = FS_PROC_EXITED;
@@ -204,7 +214,8 @@ static void record_exit(fs_group_t *g, fs_proc_t *p, int wait_status)
         p->exit.exit_code = WEXITSTATUS(wait_status);
         p->exit.term_signal = 0;
     }
-    p->exit_order = ++g->exits_seen;
+    if (p->exit_order == 0)
+        p->exit_order = ++g->exits_seen;
     g->events++; /* also when the pidfd already counted: the status is news */
     p->gone = 1;
     unwatch_close(g, &p->pidfd);
@@ -235,8 +246,7 @@ static int on_pidfd_ready(fs_group_t *g, int index, fs_error_t *err)
         /* Someone else reaps it; its status comes from the status fd or
            fs_group_set_exit(). Count the event so the caller can ask. */
         unwatch_close(g, &p->pidfd);
-        p->gone = 1;
-        g->events++;
+        mark_gone(g, p);
         return drain_report(g, p, err);
     }
     siginfo_t si;
@@ -349,12 +359,11 @@ int fs_group_wait(fs_group_t *g, int timeout_ms, fs_error_t *err)
             return rc;
         if (exited_count(g) > before || awaiting(g) == 0)
             return exited_count(g) - before;
-        int wait_ms = -1;
+        int wait_ms = -1, last_round = 0;
         if (deadline >= 0) {
             int64_t left = deadline - fs_now_ms();
-            if (left <= 0)
-                return 0;
-            wait_ms = left > 1000000 ? 1000000 : (int)left;
+            last_round = left <= 0; /* still look once, without blocking */
+            wait_ms = left <= 0 ? 0 : (left > 1000000 ? 1000000 : (int)left);
         }
         if (any_fallback && (wait_ms < 0 || wait_ms > FS_FALLBACK_POLL_MS))
             wait_ms = FS_FALLBACK_POLL_MS;
@@ -370,6 +379,8 @@ int fs_group_wait(fs_group_t *g, int timeout_ms, fs_error_t *err)
             if (rc < 0)
                 return rc;
         }
+        if (last_round)
+            return exited_count(g) - before;
     }
 }
 
@@ -412,6 +423,9 @@ int fs_group_adopt(fs_group_t *g, int index, pid_t pid, int is_child, fs_error_t
     rc = pidfd_open_or_fallback(pid, &p->pidfd, err);
     if (rc == FS_ESYS && err->sys_errno == ESRCH && !p->is_child) {
         /* Already gone: its status comes from whoever reaps it. */
+        fs_error_clear(err);
+        p->pidfd = -1;
+        mark_gone(g, p);
         return FS_OK;
     }
     if (rc < 0)

@@ -296,6 +296,7 @@ class ProcessContext:
     def _exitcode(self, index: int) -> Optional[int]:
         if self._closed:
             return self._exit[index]
+        self._group.wait(0)  # take in exits that happened since the last look
         self._sync_external()
         pid, state, code, sig, _order, _killed, _gone = self._info(index)
         if state != _C.PROC_EXITED:
@@ -487,6 +488,11 @@ def _start_forked(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
     group = _C.Group(nprocs)
     ctx = ProcessContext(group, nprocs, "fork", daemon)
     death = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
+    # As multiprocessing does: unflushed output would otherwise be printed by
+    # every rank as well.
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
     try:
         for index in range(nprocs):
             pid, report_fd = group.fork(index, True, death)

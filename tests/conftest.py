@@ -1,0 +1,106 @@
+"""Shared fixtures for the fastspawn suite."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+
+import fastspawn  # noqa: E402
+
+# Methods that start in milliseconds; spawn/forkserver import torch per rank
+# (seconds on 2 cores) and are covered by fewer tests.
+FAST_METHODS = ["fork", "zygote"]
+ALL_METHODS = ["fork", "zygote", "spawn", "forkserver"]
+
+
+def _noop(i):
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_helpers():
+    """Start the long-lived helpers (guardian, zygote) once, so the leak checks
+    below see only what a test itself leaves behind."""
+    fastspawn.spawn(_noop, nprocs=1, start_method="fork")  # starts the guardian
+    fastspawn.start_zygote()
+    fastspawn.spawn(_noop, nprocs=1, start_method="zygote")
+    yield
+
+
+def children_of(pid: int) -> list:
+    """Direct children of pid (from /proc)."""
+    out = []
+    task_dir = f"/proc/{pid}/task"
+    try:
+        tasks = os.listdir(task_dir)
+    except FileNotFoundError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"{task_dir}/{tid}/children") as fh:
+                out += [int(x) for x in fh.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    """True if pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids, timeout=10.0) -> list:
+    """Wait until none of pids is alive; return those still alive."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if pid_alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if pid_alive(p)]
+    return left
+
+
+def open_fds() -> set:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def run_python(code: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+@pytest.fixture
+def no_leaks():
+    """The test must leave no child process (besides the zygote/guardian) and no fd."""
+    before_fds = open_fds()
+    yield
+    ignore = set()
+    z = fastspawn._zygote._zygote
+    if z is not None:
+        ignore.add(z.proc.pid)
+    gpid = fastspawn._C.guardian_pid()
+    if gpid:
+        ignore.add(gpid)
+    # multiprocessing's forkserver / resource tracker are long-lived helpers.
+    from multiprocessing import forkserver, resource_tracker
+    for helper in (getattr(forkserver._forkserver, "_forkserver_pid", None),
+                   getattr(resource_tracker._resource_tracker, "_pid", None)):
+        if helper:
+            ignore.add(helper)
+    left = [p for p in children_of(os.getpid()) if p not in ignore and pid_alive(p)]
+    assert left == [], f"processes left behind: {left}"
+    leaked = open_fds() - before_fds
+    if z is not None:  # a test may restart the zygote on purpose
+        leaked.discard(str(z.sock.fileno()))
+    assert not leaked, f"fds left open: {[os.readlink(f'/proc/self/fd/{fd}') for fd in leaked]}"

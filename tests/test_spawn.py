@@ -1,0 +1,428 @@
+"""fastspawn.spawn / start_processes: a drop-in for torch.multiprocessing.spawn."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch.multiprocessing as torch_mp
+
+import fastspawn
+from conftest import ALL_METHODS, FAST_METHODS, children_of, pid_alive, run_python, wait_gone
+
+
+# Rank functions live at module level so every start method can find them.
+def times(i, x):
+    return i * x
+
+
+def with_kwargs(i, a, *, scale=1):
+    return (i + a) * scale
+
+
+def env_of(i):
+    return {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+
+
+def raise_on(i, bad):
+    if i == bad:
+        raise ValueError(f"boom from {i}")
+    time.sleep(30)
+
+
+def all_raise(i, step):
+    time.sleep(step * i)
+    raise RuntimeError(f"rank {i} failed")
+
+
+def exit_with(i, code):
+    if i == 0:
+        sys.exit(code)
+    time.sleep(30)
+
+
+def die_by(i, sig):
+    if i == 0:
+        os.kill(os.getpid(), sig)
+        time.sleep(5)
+    time.sleep(30)
+
+
+def sleep_then(i, seconds):
+    time.sleep(seconds if i else 0)
+    return i
+
+
+def put_rank(i, q):
+    q.put((i, os.getpid()))
+
+
+def nested(i):
+    return fastspawn.spawn(times, args=(10 + i,), nprocs=2, start_method="fork")
+
+
+def ignore_sigterm(i):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if i == 0:
+        time.sleep(0.2)
+        raise ValueError("rank 0 fails")
+    time.sleep(60)
+
+
+class Unpicklable(Exception):
+    def __init__(self, a, b):
+        super().__init__(a)
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable(i):
+    raise Unpicklable("cannot pickle me", 2)
+
+
+def huge_traceback(i):
+    raise ValueError("x" * 300_000)
+
+
+def current_process_info(i):
+    import multiprocessing
+    p = multiprocessing.current_process()
+    return p.name, p.daemon
+
+
+# ----------------------------------------------------------------- results
+
+
+@pytest.mark.parametrize("method", ALL_METHODS + ["auto"])
+def test_returns_each_rank_result(method):
+    assert fastspawn.spawn(times, args=(3,), nprocs=3, start_method=method) == [0, 3, 6]
+
+
+@pytest.mark.parametrize("method", FAST_METHODS)
+def test_kwargs_and_env(method, no_leaks):
+    assert fastspawn.spawn(with_kwargs, args=(1,), kwargs={"scale": 10}, nprocs=2,
+                           start_method=method) == [10, 20]
+    envs = fastspawn.spawn(env_of, nprocs=2, start_method=method)
+    assert envs == [{"RANK": str(i), "LOCAL_RANK": str(i), "WORLD_SIZE": "2",
+                     "LOCAL_WORLD_SIZE": "2"} for i in range(2)]
+
+
+def test_start_processes_matches_torch_signature(no_leaks):
+    ctx = fastspawn.start_processes(times, (2,), 2, False, False, "fork")
+    assert isinstance(ctx, fastspawn.ProcessContext)
+    assert len(ctx.pids()) == 2 and all(p > 0 for p in ctx.pids())
+    while not ctx.join():
+        pass
+    assert ctx.results() == [0, 2]
+    assert [p.exitcode for p in ctx.processes] == [0, 0]
+
+
+@pytest.mark.parametrize("method", FAST_METHODS)
+def test_daemon_flag_and_process_name(method):
+    out = fastspawn.spawn(current_process_info, nprocs=2, daemon=True, start_method=method)
+    assert out == [("fastspawn-rank-0", True), ("fastspawn-rank-1", True)]
+
+
+# ----------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_exception_in_one_rank(method):
+    t0 = time.monotonic()
+    with pytest.raises(fastspawn.ProcessRaisedException) as info:
+        fastspawn.spawn(raise_on, args=(1,), nprocs=3, start_method=method)
+    err = info.value
+    assert isinstance(err, torch_mp.ProcessRaisedException)  # torch's except clauses catch it
+    assert err.error_index == 1 and err.error_pid > 0
+    msg = str(err)
+    assert msg.startswith("\n\n-- Process 1 terminated with the following error:\nTraceback")
+    assert msg.rstrip().splitlines()[-1] == "ValueError: boom from 1"
+    assert 'raise ValueError(f"boom from {i}")' in msg  # the source line: file kept
+    assert [f.index for f in err.failures] == [1]
+    assert isinstance(err.failures[0].exception, ValueError)
+    assert time.monotonic() - t0 < 25, "the other ranks were not stopped"
+
+
+@pytest.mark.parametrize("method", FAST_METHODS)
+def test_every_rank_fails_all_are_reported(method, no_leaks):
+    with pytest.raises(fastspawn.ProcessRaisedException) as info:
+        fastspawn.spawn(all_raise, args=(0,), nprocs=3, start_method=method)
+    err = info.value
+    assert sorted(f.index for f in err.failures) == [0, 1, 2]
+    assert err.failures[0].index == err.error_index  # root cause first
+    assert f"RuntimeError: rank {err.error_index} failed" in str(err)
+    notes = "\n".join(getattr(err, "__notes__", []))
+    assert "3 processes failed, root cause first" in notes
+    for i in range(3):
+        assert f"process {i} (pid" in notes
+
+
+def test_root_cause_is_the_first_to_fail(no_leaks):
+    with pytest.raises(fastspawn.ProcessRaisedException) as info:
+        fastspawn.spawn(all_raise, args=(0.1,), nprocs=3, start_method="fork")
+    err = info.value
+    assert err.error_index == 0
+    assert [f.index for f in err.failures] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("method", FAST_METHODS)
+def test_exit_code(method, no_leaks):
+    with pytest.raises(fastspawn.ProcessExitedException) as info:
+        fastspawn.spawn(exit_with, args=(123,), nprocs=2, start_method=method)
+    err = info.value
+    assert isinstance(err, torch_mp.ProcessExitedException)
+    assert str(err) == "process 0 terminated with exit code 123"
+    assert err.exit_code == 123 and err.signal_name is None and err.error_index == 0
+
+
+@pytest.mark.parametrize("method", FAST_METHODS)
+def test_signal_abort(method, no_leaks):
+    with pytest.raises(fastspawn.ProcessExitedException) as info:
+        fastspawn.spawn(die_by, args=(signal.SIGABRT,), nprocs=2, start_method=method)
+    err = info.value
+    assert str(err) == "process 0 terminated with signal SIGABRT"
+    assert err.signal_name == "SIGABRT" and err.exit_code == -signal.SIGABRT
+
+
+def test_sigkill_gets_oom_hint(no_leaks):
+    with pytest.raises(fastspawn.ProcessExitedException) as info:
+        fastspawn.spawn(die_by, args=(signal.SIGKILL,), nprocs=2, start_method="fork")
+    msg = str(info.value)
+    assert msg.startswith("process 0 terminated with signal SIGKILL")
+    assert "out-of-memory killer" in msg
+
+
+def test_unpicklable_exception_keeps_traceback(no_leaks):
+    with pytest.raises(fastspawn.ProcessRaisedException) as info:
+        fastspawn.spawn(raise_unpicklable, nprocs=1, start_method="fork")
+    assert "Unpicklable: cannot pickle me" in str(info.value)
+
+
+def test_large_traceback_does_not_block(no_leaks):
+    with pytest.raises(fastspawn.ProcessRaisedException) as info:
+        fastspawn.spawn(huge_traceback, nprocs=2, start_method="fork")
+    assert "x" * 300_000 in str(info.value)
+
+
+def test_grace_period_then_sigkill(no_leaks):
+    t0 = time.monotonic()
+    with pytest.raises(fastspawn.ProcessRaisedException):
+        ctx = fastspawn.start_processes(ignore_sigterm, nprocs=2, join=False,
+                                        start_method="fork")
+        while not ctx.join(grace_period=0.5):
+            pass
+    # rank 1 ignores SIGTERM: it must be SIGKILLed after ~2 x 0.5 s, not after 60 s.
+    assert time.monotonic() - t0 < 10
+    assert ctx.processes[1].exitcode == -signal.SIGKILL
+
+
+# ----------------------------------------------------------------- joining
+
+
+def test_non_blocking_join(no_leaks):
+    ctx = fastspawn.spawn(sleep_then, args=(0.5,), nprocs=2, join=False, start_method="fork")
+    assert ctx.join(timeout=0) is False
+    assert ctx.join(timeout=0.05) is False
+    with pytest.raises(RuntimeError, match="call join"):
+        ctx.results()
+    deadline = time.monotonic() + 20
+    while not ctx.join(timeout=0.1):
+        assert time.monotonic() < deadline
+    assert ctx.results() == [0, 1]
+    assert ctx.join() is True  # joining again is harmless
+
+
+def test_early_return_of_some_ranks(no_leaks):
+    ctx = fastspawn.spawn(sleep_then, args=(0.3,), nprocs=3, join=False, start_method="fork")
+    time.sleep(0.1)
+    assert ctx.processes[0].exitcode == 0 and ctx.processes[1].is_alive()
+    assert ctx.join(timeout=20)
+    assert ctx.results() == [0, 1, 2]
+
+
+# ----------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_queue_argument(method):
+    ctx = fastspawn.get_context(method)
+    q = ctx.Queue()
+    fastspawn.spawn(put_rank, args=(q,), nprocs=2, start_method=method)
+    got = sorted(q.get(timeout=10) for _ in range(2))
+    assert [i for i, _ in got] == [0, 1]
+
+
+@pytest.mark.parametrize("method", FAST_METHODS)
+def test_simple_queue_argument(method):
+    q = fastspawn.get_context(method).SimpleQueue()
+    fastspawn.spawn(put_rank, args=(q,), nprocs=2, start_method=method)
+    assert sorted(q.get()[0] for _ in range(2)) == [0, 1]
+
+
+def test_torch_queue_from_torch_context():
+    q = torch_mp.get_context("spawn").SimpleQueue()
+    fastspawn.spawn(put_rank, args=(q,), nprocs=1, start_method="zygote")
+    assert q.get()[0] == 0
+
+
+def test_nested_spawn():
+    assert fastspawn.spawn(nested, nprocs=2, start_method="fork") == [[0, 10], [0, 11]]
+
+
+@pytest.mark.parametrize("method", ["fork", "zygote", "spawn"])
+def test_function_from_python_c(method):
+    code = f"""
+import fastspawn
+SCALE = 7
+def work(i, x):
+    return i * x * SCALE
+print(fastspawn.spawn(work, args=(2,), nprocs=2, start_method={method!r}))
+print(fastspawn.spawn(lambda i: i + 100, nprocs=2, start_method={method!r}))
+"""
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[0, 14]", "[100, 101]"]
+
+
+# ----------------------------------------------------------------- start methods
+
+
+def test_auto_forks_when_safe_and_uses_zygote_otherwise():
+    assert fastspawn.fork_safety_issues() == []
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, name="busy-helper")
+    t.start()
+    try:
+        issues = fastspawn.fork_safety_issues()
+        assert any("busy-helper" in s for s in issues)
+        assert fastspawn._launch._resolve_start_method("auto") == "zygote"
+        assert fastspawn.spawn(times, args=(5,), nprocs=2) == [0, 5]
+    finally:
+        stop.set()
+        t.join(5)
+    assert fastspawn._launch._resolve_start_method("auto") == "fork"
+
+
+def test_fork_refused_when_cuda_initialised(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA is initialised.*start_method='zygote'"):
+        fastspawn.spawn(times, args=(1,), nprocs=1, start_method="fork")
+    assert fastspawn._launch._resolve_start_method("auto") == "zygote"
+
+
+# ----------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("nprocs,exc,match", [
+    (0, ValueError, "at least 1"), (-2, ValueError, "at least 1"),
+    (2.0, TypeError, "must be an int"), ("2", TypeError, "must be an int"),
+    (True, TypeError, "must be an int")])
+def test_bad_nprocs(nprocs, exc, match, no_leaks):
+    with pytest.raises(exc, match=match):
+        fastspawn.spawn(times, args=(1,), nprocs=nprocs)
+
+
+def test_bad_fn_args_method(no_leaks):
+    with pytest.raises(TypeError, match="fn must be callable"):
+        fastspawn.spawn(42, nprocs=1)
+    with pytest.raises(TypeError, match="args must be a tuple"):
+        fastspawn.spawn(times, args=3, nprocs=1)
+    with pytest.raises(TypeError, match="kwargs must be a dict"):
+        fastspawn.spawn(times, args=(1,), kwargs=[1], nprocs=1)
+    with pytest.raises(ValueError, match="unknown start_method 'threads'"):
+        fastspawn.spawn(times, args=(1,), nprocs=1, start_method="threads")
+
+
+@pytest.mark.parametrize("method", ["zygote", "spawn", "forkserver"])
+def test_unpicklable_args_fail_before_any_rank(method, no_leaks):
+    before = children_of(os.getpid())
+    with pytest.raises(fastspawn.ArgumentPicklingError, match="cannot be sent") as info:
+        fastspawn.spawn(times, args=(threading.Lock(),), nprocs=2, start_method=method)
+    assert isinstance(info.value, TypeError)
+    assert "start_method='fork'" in str(info.value)
+    assert children_of(os.getpid()) == before
+
+
+def test_negative_join_timeout(no_leaks):
+    ctx = fastspawn.spawn(times, args=(1,), nprocs=1, join=False, start_method="fork")
+    with pytest.raises(ValueError, match="timeout must be >= 0"):
+        ctx.join(timeout=-1)
+    with pytest.raises(ValueError, match="grace_period must be >= 0"):
+        ctx.join(grace_period=-0.5)
+    assert ctx.join(timeout=20)
+
+
+# ----------------------------------------------------------------- nothing left behind
+
+LAUNCHER = r"""
+import os, subprocess, sys, time
+import fastspawn
+
+def rank(i, path):
+    # A grandchild in the rank's process group, like a DataLoader worker.
+    child = subprocess.Popen(["sleep", "120"])
+    with open(f"{path}.{i}", "w") as fh:
+        fh.write(f"{os.getpid()} {child.pid}")
+    time.sleep(120)
+
+if __name__ == "__main__":
+    path, method = sys.argv[1], sys.argv[2]
+    print("launcher", os.getpid(), flush=True)
+    fastspawn.spawn(rank, args=(path,), nprocs=2, start_method=method)
+"""
+
+
+def _start_launcher(tmp_path, method):
+    script = tmp_path / "launcher.py"
+    script.write_text(LAUNCHER)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(fastspawn.__file__)),
+                                        env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pids"), method],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    pids = []
+    while time.monotonic() < deadline:
+        files = [tmp_path / f"pids.{i}" for i in range(2)]
+        if all(f.exists() and f.read_text() for f in files):
+            pids = [int(x) for f in files for x in f.read_text().split()]
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    assert len(pids) == 4, "ranks did not start"
+    return proc, pids
+
+
+@pytest.mark.parametrize("method", ["fork", "zygote"])
+def test_parent_sigkill_leaves_no_rank_or_grandchild(tmp_path, method):
+    proc, pids = _start_launcher(tmp_path, method)
+    proc.kill()
+    proc.wait(10)
+    assert wait_gone(pids, 10) == []
+
+
+@pytest.mark.parametrize("method", ["fork", "zygote"])
+def test_ctrl_c_stops_everything(tmp_path, method):
+    proc, pids = _start_launcher(tmp_path, method)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err
+    assert proc.returncode != 0
+    assert wait_gone(pids, 10) == []
+
+
+def test_sigterm_forwarded_and_launcher_dies_by_it(tmp_path):
+    proc, pids = _start_launcher(tmp_path, "fork")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    assert wait_gone(pids, 10) == []
+
+
+def test_no_zombies_after_join(no_leaks):
+    fastspawn.spawn(times, args=(1,), nprocs=4, start_method="fork")
+    for pid in children_of(os.getpid()):
+        assert pid_alive(pid) or False, f"zombie child {pid}"
