@@ -17,20 +17,14 @@ void fs_error_clear(fs_error_t *err)
     err->msg[0] = '\0';
 }
 
-static void format_into(fs_error_t *err, const char *fmt, va_list ap)
-{
-    int n = vsnprintf(err->msg, sizeof err->msg, fmt, ap);
-    if (n < 0)
-        err->msg[0] = '\0';
-}
-
 int fs_error_set(fs_error_t *err, int code, const char *fmt, ...)
 {
     if (err == NULL)
         return code;
     va_list ap;
     va_start(ap, fmt);
-    format_into(err, fmt, ap);
+    if (vsnprintf(err->msg, sizeof err->msg, fmt, ap) < 0)
+        err->msg[0] = '\0';
     va_end(ap);
     err->code = code;
     err->sys_errno = 0;
@@ -44,7 +38,8 @@ int fs_error_sys(fs_error_t *err, const char *fmt, ...)
         return FS_ESYS;
     va_list ap;
     va_start(ap, fmt);
-    format_into(err, fmt, ap);
+    if (vsnprintf(err->msg, sizeof err->msg, fmt, ap) < 0)
+        err->msg[0] = '\0';
     va_end(ap);
     size_t used = strlen(err->msg);
     char buf[128];

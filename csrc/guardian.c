@@ -169,8 +169,7 @@ static int guardian_send(fs_guardian_t *gd, int op, pid_t pgid, fs_error_t *err)
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && errno == EPIPE)
-            return fs_error_set(err, FS_ECLOSED, "the guardian process %d is gone",
-                                (int)gd->pid);
+            return fs_error_set(err, FS_ECLOSED, "the guardian process %d is gone", (int)gd->pid);
         if (n < 0)
             return fs_error_sys(err, "send(guardian)");
         return fs_error_set(err, FS_EPROTO, "short write to the guardian");
@@ -207,8 +206,7 @@ int fs_guardian_stop(fs_guardian_t *gd, int timeout_ms, fs_error_t *err)
         if (r < 0 && errno != EINTR)
             return fs_error_sys(err, "waitpid(guardian)");
         if (fs_now_ms() >= deadline)
-            return fs_error_set(err, FS_ETIMEOUT, "the guardian %d did not exit",
-                                (int)gd->pid);
+            return fs_error_set(err, FS_ETIMEOUT, "the guardian %d did not exit", (int)gd->pid);
         struct timespec ts = {0, 1000000};
         (void)nanosleep(&ts, NULL);
     }

@@ -10,8 +10,7 @@
 #include <unistd.h>
 
 typedef struct {
-    PyObject_HEAD
-    fs_group_t *group;
+    PyObject_HEAD fs_group_t *group;
 } GroupObject;
 
 static fs_guardian_t guardian = {.pid = 0, .write_fd = -1, .owner = 0};
@@ -46,10 +45,8 @@ static PyObject *Group_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static void Group_dealloc(GroupObject *self)
 {
     if (self->group != NULL) {
-        Py_BEGIN_ALLOW_THREADS
-        fs_group_free(self->group);
-        Py_END_ALLOW_THREADS
-        self->group = NULL;
+        Py_BEGIN_ALLOW_THREADS fs_group_free(self->group);
+        Py_END_ALLOW_THREADS self->group = NULL;
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -167,10 +164,9 @@ static PyObject *Group_wait(GroupObject *self, PyObject *args)
         fs_error_t err;
         fs_error_clear(&err);
         int rc;
-        Py_BEGIN_ALLOW_THREADS
-        rc = fs_group_wait(self->group, slice, &err);
-        Py_END_ALLOW_THREADS
-        if (rc == FS_EINTR) {
+        Py_BEGIN_ALLOW_THREADS rc = fs_group_wait(self->group, slice, &err);
+        Py_END_ALLOW_THREADS if (rc == FS_EINTR)
+        {
             if (PyErr_CheckSignals() < 0)
                 return NULL;
             continue;
@@ -200,8 +196,8 @@ static PyObject *Group_info(GroupObject *self, PyObject *args)
         PyErr_Format(PyExc_IndexError, "rank index %d out of range", index);
         return NULL;
     }
-    return Py_BuildValue("(iiiiiii)", (int)p->pid, p->state, p->exit.exit_code,
-                         p->exit.term_signal, p->exit_order, p->killed_by_us, p->gone);
+    return Py_BuildValue("(iiiiiii)", (int)p->pid, p->state, p->exit.exit_code, p->exit.term_signal,
+                         p->exit_order, p->killed_by_us, p->gone);
 }
 
 static PyObject *Group_report(GroupObject *self, PyObject *args)
@@ -244,11 +240,8 @@ static PyObject *Group_terminate(GroupObject *self, PyObject *args)
     fs_error_t err;
     fs_error_clear(&err);
     int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fs_group_terminate(self->group, sig, (int)grace_ms, &err);
-    Py_END_ALLOW_THREADS
-    if (rc < 0)
-        return fs_py_raise(&err);
+    Py_BEGIN_ALLOW_THREADS rc = fs_group_terminate(self->group, sig, (int)grace_ms, &err);
+    Py_END_ALLOW_THREADS if (rc < 0) return fs_py_raise(&err);
     Py_RETURN_NONE;
 }
 
@@ -257,8 +250,7 @@ static PyObject *Group_close(GroupObject *self, PyObject *Py_UNUSED(ignored))
     if (self->group != NULL) {
         fs_group_t *g = self->group;
         self->group = NULL;
-        Py_BEGIN_ALLOW_THREADS
-        fs_group_free(g);
+        Py_BEGIN_ALLOW_THREADS fs_group_free(g);
         Py_END_ALLOW_THREADS
     }
     Py_RETURN_NONE;
@@ -373,9 +365,8 @@ static PyObject *py_fork_rank(PyObject *Py_UNUSED(m), PyObject *args)
     int new_pgrp, death_signal;
     if (!PyArg_ParseTuple(args, "pi", &new_pgrp, &death_signal))
         return NULL;
-    fs_fork_opts_t opts = {.new_process_group = new_pgrp,
-                           .parent_death_signal = death_signal,
-                           .guardian_fd = -1};
+    fs_fork_opts_t opts = {
+        .new_process_group = new_pgrp, .parent_death_signal = death_signal, .guardian_fd = -1};
     fs_error_t err;
     fs_error_clear(&err);
     PyOS_BeforeFork();

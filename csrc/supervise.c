@@ -119,7 +119,10 @@ int fs_group_new(int nprocs, fs_group_t **out, fs_error_t *err)
     return FS_OK;
 }
 
-int fs_group_size(const fs_group_t *g) { return g->nprocs; }
+int fs_group_size(const fs_group_t *g)
+{
+    return g->nprocs;
+}
 
 const fs_proc_t *fs_group_proc(const fs_group_t *g, int index)
 {
@@ -346,7 +349,10 @@ static int handle_event(fs_group_t *g, uint64_t data, fs_error_t *err)
     }
 }
 
-static int exited_count(const fs_group_t *g) { return g->events; }
+static int exited_count(const fs_group_t *g)
+{
+    return g->events;
+}
 
 int fs_group_wait(fs_group_t *g, int timeout_ms, fs_error_t *err)
 {
@@ -485,8 +491,7 @@ static void child_die_with(int sig)
     _exit(128 + sig);
 }
 
-static int child_setup_common(int new_process_group, int parent_death_signal,
-                              pid_t expected_ppid)
+static int child_setup_common(int new_process_group, int parent_death_signal, pid_t expected_ppid)
 {
     if (new_process_group && setpgid(0, 0) < 0 && errno != EPERM)
         return -1; /* EPERM: already a session leader, nothing to do */
@@ -639,8 +644,7 @@ int fs_group_terminate(fs_group_t *g, int sig, int grace_ms, fs_error_t *err)
     kill_rank_groups(g);
     rc = wait_all_until(g, fs_now_ms() + FS_KILL_REAP_MS, err);
     if (rc == FS_ETIMEOUT)
-        return fs_error_set(err, FS_ETIMEOUT,
-                            "%d rank(s) did not exit within %d ms of SIGKILL",
+        return fs_error_set(err, FS_ETIMEOUT, "%d rank(s) did not exit within %d ms of SIGKILL",
                             fs_group_running(g), FS_KILL_REAP_MS);
     return rc;
 }

@@ -8,14 +8,18 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
+# The package under test: the in-tree one, or another build of it (the
+# sanitizer run points this at an ASan/UBSan build).
+PACKAGE_DIR = os.environ.get("FASTSPAWN_TEST_PACKAGE_DIR", os.path.join(ROOT, "python"))
+sys.path.insert(0, PACKAGE_DIR)
 
 import fastspawn  # noqa: E402
 
 # Methods that start in milliseconds; spawn/forkserver import torch per rank
 # (seconds on 2 cores) and are covered by fewer tests.
 FAST_METHODS = ["fork", "zygote"]
-ALL_METHODS = ["fork", "zygote", "spawn", "forkserver"]
+ALL_METHODS = ["fork", "zygote", pytest.param("spawn", marks=pytest.mark.slow),
+               pytest.param("forkserver", marks=pytest.mark.slow)]
 
 
 def _noop(i):
@@ -75,7 +79,7 @@ def open_fds() -> set:
 
 def run_python(code: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_DIR, env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
 
@@ -104,3 +108,7 @@ def no_leaks():
     if z is not None:  # a test may restart the zygote on purpose
         leaked.discard(str(z.sock.fileno()))
     assert not leaked, f"fds left open: {[os.readlink(f'/proc/self/fd/{fd}') for fd in leaked]}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes many seconds (skipped under the sanitizers)")

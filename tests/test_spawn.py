@@ -271,7 +271,7 @@ def test_nested_spawn():
     assert fastspawn.spawn(nested, nprocs=2, start_method="fork") == [[0, 10], [0, 11]]
 
 
-@pytest.mark.parametrize("method", ["fork", "zygote", "spawn"])
+@pytest.mark.parametrize("method", ["fork", "zygote", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_function_from_python_c(method):
     code = f"""
 import fastspawn

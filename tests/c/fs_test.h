@@ -28,42 +28,42 @@ static struct fs_test_case fs_tests[FS_TEST_MAX];
 static int fs_test_count;
 static int fs_test_failed_checks;
 
-#define FS_TEST(name)                                                                          \
-    static void name(void);                                                                    \
-    __attribute__((constructor)) static void name##_register(void)                             \
-    {                                                                                          \
-        if (fs_test_count < FS_TEST_MAX)                                                       \
-            fs_tests[fs_test_count++] = (struct fs_test_case){#name, name};                    \
-    }                                                                                          \
+#define FS_TEST(name)                                                                              \
+    static void name(void);                                                                        \
+    __attribute__((constructor)) static void name##_register(void)                                 \
+    {                                                                                              \
+        if (fs_test_count < FS_TEST_MAX)                                                           \
+            fs_tests[fs_test_count++] = (struct fs_test_case){#name, name};                        \
+    }                                                                                              \
     static void name(void)
 
-#define FS_CHECK(cond)                                                                         \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            fprintf(stderr, "  %s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);        \
-            fs_test_failed_checks++;                                                           \
-        }                                                                                      \
+#define FS_CHECK(cond)                                                                             \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "  %s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);             \
+            fs_test_failed_checks++;                                                               \
+        }                                                                                          \
     } while (0)
 
-#define FS_CHECK_EQ(a, b)                                                                      \
-    do {                                                                                       \
-        long long fs_a_ = (long long)(a), fs_b_ = (long long)(b);                              \
-        if (fs_a_ != fs_b_) {                                                                  \
-            fprintf(stderr, "  %s:%d: check failed: %s == %s (%lld != %lld)\n", __FILE__,      \
-                    __LINE__, #a, #b, fs_a_, fs_b_);                                           \
-            fs_test_failed_checks++;                                                           \
-        }                                                                                      \
+#define FS_CHECK_EQ(a, b)                                                                          \
+    do {                                                                                           \
+        long long fs_a_ = (long long)(a), fs_b_ = (long long)(b);                                  \
+        if (fs_a_ != fs_b_) {                                                                      \
+            fprintf(stderr, "  %s:%d: check failed: %s == %s (%lld != %lld)\n", __FILE__,          \
+                    __LINE__, #a, #b, fs_a_, fs_b_);                                               \
+            fs_test_failed_checks++;                                                               \
+        }                                                                                          \
     } while (0)
 
 /* Fail unless the fs_* call returned FS_OK; prints the error message. */
-#define FS_CHECK_OK(call, errp)                                                                \
-    do {                                                                                       \
-        int fs_rc_ = (call);                                                                   \
-        if (fs_rc_ != 0) {                                                                     \
-            fprintf(stderr, "  %s:%d: %s returned %d: %s\n", __FILE__, __LINE__, #call,       \
-                    fs_rc_, (errp)->msg);                                                      \
-            fs_test_failed_checks++;                                                           \
-        }                                                                                      \
+#define FS_CHECK_OK(call, errp)                                                                    \
+    do {                                                                                           \
+        int fs_rc_ = (call);                                                                       \
+        if (fs_rc_ != 0) {                                                                         \
+            fprintf(stderr, "  %s:%d: %s returned %d: %s\n", __FILE__, __LINE__, #call, fs_rc_,    \
+                    (errp)->msg);                                                                  \
+            fs_test_failed_checks++;                                                               \
+        }                                                                                          \
     } while (0)
 
 static int fs_test_run_one(const struct fs_test_case *t, int limit_s)

@@ -11,8 +11,8 @@
 #include "fastspawn.h"
 #include "fs_test.h"
 
-static const fs_fork_opts_t OPTS = {.new_process_group = 1, .parent_death_signal = SIGKILL,
-                                    .guardian_fd = -1};
+static const fs_fork_opts_t OPTS = {
+    .new_process_group = 1, .parent_death_signal = SIGKILL, .guardian_fd = -1};
 
 static void sleep_ms(int ms)
 {
@@ -298,4 +298,7 @@ FS_TEST(signal_names)
     FS_CHECK(strcmp(fs_status_name(FS_ETIMEOUT), "FS_ETIMEOUT") == 0);
 }
 
-int main(void) { return fs_test_main(); }
+int main(void)
+{
+    return fs_test_main();
+}
