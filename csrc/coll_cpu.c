@@ -552,7 +552,7 @@ static int enqueue(fs_comm_t *c, const fs_coll_args_t *a, uint64_t *ticket, fs_e
     if (c->stopping)
         return fs_error_set(err, FS_ECLOSED, "communicator is being destroyed");
     if (c->q_len == c->q_cap) {
-        size_t cap = c->q_cap * 2;
+        size_t cap = c->q_cap ? c->q_cap * 2 : 64;
         struct fs_coll_item *q = malloc(cap * sizeof *q);
         if (q == NULL)
             return fs_error_set(err, FS_ENOMEM, "out of memory (collective queue)");
@@ -671,7 +671,7 @@ int fs_comm_run(fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *err)
         unlock(&c->exec_lock);
         return rc;
     }
-    uint64_t t;
+    uint64_t t = 0;
     rc = enqueue(c, a, &t, err);
     unlock(&c->qlock);
     return rc != FS_OK ? rc : fs_comm_wait(c, t, -1, err);

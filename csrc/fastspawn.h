@@ -456,8 +456,8 @@ int fs_allreduce(fs_comm_t *c, const void *send, void *recv, size_t count, int d
 int fs_broadcast(fs_comm_t *c, void *buf, size_t count, int dtype, int root, fs_error_t *err);
 int fs_allgather(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype,
                  fs_error_t *err);
-int fs_reduce_scatter(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype,
-                      int op, fs_error_t *err);
+int fs_reduce_scatter(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int op,
+                      fs_error_t *err);
 int fs_reduce_root(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int op,
                    int root, fs_error_t *err);
 int fs_gather(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int root,
@@ -473,8 +473,7 @@ int fs_barrier(fs_comm_t *c, fs_error_t *err);
  * one at a time in submission order. Tickets count up from 1. The buffers must
  * stay valid until the ticket completes.
  */
-int fs_comm_submit(fs_comm_t *comm, const fs_coll_args_t *args, uint64_t *ticket,
-                   fs_error_t *err);
+int fs_comm_submit(fs_comm_t *comm, const fs_coll_args_t *args, uint64_t *ticket, fs_error_t *err);
 /*
  * Wait until `ticket` completes (timeout_ms < 0: no limit) and return its
  * status (error in *err). A ticket not yet submitted is waited for too. Returns

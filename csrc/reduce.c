@@ -40,14 +40,14 @@ typedef uint16_t vu16h __attribute__((vector_size(VBYTES / 2))); /* 16 halves */
 size_t fs_dtype_size(int dtype)
 {
     switch (dtype) {
-    case FS_FLOAT32: return 4;
-    case FS_FLOAT64: return 8;
-    case FS_FLOAT16: return 2;
-    case FS_BFLOAT16: return 2;
-    case FS_INT8: return 1;
-    case FS_UINT8: return 1;
-    case FS_INT32: return 4;
+    case FS_FLOAT64:
     case FS_INT64: return 8;
+    case FS_FLOAT32:
+    case FS_INT32: return 4;
+    case FS_FLOAT16:
+    case FS_BFLOAT16: return 2;
+    case FS_INT8:
+    case FS_UINT8:
     case FS_BOOL: return 1;
     default: return 0;
     }

@@ -232,8 +232,14 @@ int fs_comm_status(fs_comm_t *c, fs_error_t *why)
     return FS_OK;
 }
 
-int fs_comm_rank(const fs_comm_t *c) { return c->rank; }
-int fs_comm_world_size(const fs_comm_t *c) { return c->world; }
+int fs_comm_rank(const fs_comm_t *c)
+{
+    return c->rank;
+}
+int fs_comm_world_size(const fs_comm_t *c)
+{
+    return c->world;
+}
 
 /* ------------------------------------------------------------------ */
 /* Posting and waiting                                                */
@@ -362,7 +368,10 @@ int fs_shm_wait_all(fs_comm_t *c, uint64_t step, int64_t deadline, fs_error_t *e
 /* Create / destroy                                                   */
 /* ------------------------------------------------------------------ */
 
-static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+static size_t round_up(size_t x, size_t a)
+{
+    return (x + a - 1) / a * a;
+}
 
 static int cpu_count(void)
 {
@@ -623,7 +632,7 @@ int fs_comm_create(const char *name, int rank, int world_size, const fs_comm_opt
         free(c);
         return fs_error_set(err, FS_ETOOBIG, "slot_bytes %zu is too large", slot);
     }
-    c->slot_bytes = round_up(slot, 2 * FS_SHM_ALIGN);
+    c->slot_bytes = round_up(slot, (size_t)2 * FS_SHM_ALIGN);
     c->buf_bytes = c->slot_bytes / 2;
     if (c->opts.oneshot_max == 0)
         c->opts.oneshot_max = DEFAULT_ONESHOT_MAX;

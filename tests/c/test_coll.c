@@ -30,7 +30,10 @@ static uint64_t rng(uint64_t *s)
     return z ^ (z >> 31);
 }
 
-static double rng_unit(uint64_t *s) { return (double)(rng(s) >> 11) / 9007199254740992.0; }
+static double rng_unit(uint64_t *s)
+{
+    return (double)(rng(s) >> 11) / 9007199254740992.0;
+}
 
 /* Independent of reduce.c's bit tricks: plain arithmetic with ldexp/nearbyint (RNE). */
 static float h2f_ref(uint16_t h)
@@ -71,7 +74,10 @@ static uint16_t round16_ref(float f, int mbits, int ebits, uint16_t nan)
     return sign | (uint16_t)(((E + bias) << mbits) | ((int)mant - (1 << mbits)));
 }
 
-static uint16_t f2h_ref(float f) { return round16_ref(f, 10, 5, signbit(f) ? 0xfe00u : 0x7e00u); }
+static uint16_t f2h_ref(float f)
+{
+    return round16_ref(f, 10, 5, signbit(f) ? 0xfe00u : 0x7e00u);
+}
 
 static float bf2f_ref(uint16_t h)
 {
@@ -81,7 +87,10 @@ static float bf2f_ref(uint16_t h)
     return f;
 }
 
-static uint16_t f2bf_ref(float f) { return round16_ref(f, 7, 8, 0x7fc0u); }
+static uint16_t f2bf_ref(float f)
+{
+    return round16_ref(f, 7, 8, 0x7fc0u);
+}
 
 static const int all_dtypes[] = {FS_FLOAT32, FS_FLOAT64, FS_FLOAT16, FS_BFLOAT16, FS_INT8,
                                  FS_UINT8,   FS_INT32,   FS_INT64,   FS_BOOL};
@@ -423,7 +432,10 @@ FS_TEST(reduce_rejects_unsupported)
 /* Every collective x dtype x op x size                              */
 /* ------------------------------------------------------------------ */
 
-static uint64_t seed_of(int rank, int iter) { return (uint64_t)rank * 1000003u + (uint64_t)iter; }
+static uint64_t seed_of(int rank, int iter)
+{
+    return (uint64_t)rank * 1000003u + (uint64_t)iter;
+}
 
 /* Run one collective on this rank and compare with what it must produce. */
 static int check_one(fs_comm_t *c, int me, int N, int kind, int dt, int op, int root, size_t n,
@@ -902,11 +914,26 @@ static int run_peer_case(int how, int world, int expect_failed)
     return failed == expect_failed;
 }
 
-FS_TEST(coll_peer_killed) { FS_CHECK(run_peer_case(PEER_KILL, 3, 1)); }
-FS_TEST(coll_peer_exits_with_status_0) { FS_CHECK(run_peer_case(PEER_EXIT0, 2, 0)); }
-FS_TEST(coll_peer_closed_communicator) { FS_CHECK(run_peer_case(PEER_CLOSE, 3, 0)); }
-FS_TEST(coll_peer_stuck_times_out) { FS_CHECK(run_peer_case(PEER_STUCK, 2, 0)); }
-FS_TEST(coll_abort_reaches_peers) { FS_CHECK(run_peer_case(PEER_ABORT, 3, 0)); }
+FS_TEST(coll_peer_killed)
+{
+    FS_CHECK(run_peer_case(PEER_KILL, 3, 1));
+}
+FS_TEST(coll_peer_exits_with_status_0)
+{
+    FS_CHECK(run_peer_case(PEER_EXIT0, 2, 0));
+}
+FS_TEST(coll_peer_closed_communicator)
+{
+    FS_CHECK(run_peer_case(PEER_CLOSE, 3, 0));
+}
+FS_TEST(coll_peer_stuck_times_out)
+{
+    FS_CHECK(run_peer_case(PEER_STUCK, 2, 0));
+}
+FS_TEST(coll_abort_reaches_peers)
+{
+    FS_CHECK(run_peer_case(PEER_ABORT, 3, 0));
+}
 
 static void *killer(void *arg)
 {
@@ -1070,4 +1097,7 @@ FS_TEST(coll_more_ranks_than_cores)
         FS_CHECK_EQ(run_ranks(n, NULL, latency_rank, NULL), 0);
 }
 
-int main(void) { return fs_test_main(); }
+int main(void)
+{
+    return fs_test_main();
+}
