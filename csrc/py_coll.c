@@ -1,0 +1,388 @@
+/*
+ * py_coll.c - CPython binding of the shared-memory collectives (shm.c, coll_cpu.c):
+ * the _C.Comm type, dtype / op / kind codes and a few helpers.
+ *
+ * Python passes raw addresses (tensor.data_ptr()), element counts and codes; the
+ * caller keeps the memory alive until the collective completes. Every call that
+ * can block (create, run, wait, close) releases the GIL.
+ */
+#include "fs_py.h"
+
+#include <time.h>
+
+typedef struct {
+    PyObject_HEAD fs_comm_t *comm;
+    int busy; /* calls in progress with the GIL released (changed with the GIL held) */
+} CommObject;
+
+static int comm_check_open(CommObject *self)
+{
+    if (self->comm == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the communicator was closed");
+        return -1;
+    }
+    return 0;
+}
+
+/* Seconds (None: default) to milliseconds (0: default). */
+static int seconds_to_ms(PyObject *obj, int64_t *out)
+{
+    if (obj == NULL || obj == Py_None) {
+        *out = 0;
+        return 0;
+    }
+    double s = PyFloat_AsDouble(obj);
+    if (s == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!(s > 0.0)) {
+        PyErr_Format(PyExc_ValueError, "timeouts must be None or > 0 seconds, got %R", obj);
+        return -1;
+    }
+    *out = s > 1e12 ? (int64_t)1e15 : (int64_t)(s * 1000.0 + 0.5);
+    if (*out == 0)
+        *out = 1;
+    return 0;
+}
+
+static PyObject *Comm_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {
+        "name",       "rank",        "world_size", "timeout", "connect_timeout",
+        "slot_bytes", "oneshot_max", "spin_ns",    "worker",  NULL};
+    const char *name;
+    int rank, world, worker = 1;
+    PyObject *timeout = Py_None, *connect_timeout = Py_None;
+    Py_ssize_t slot_bytes = 0, oneshot_max = 0;
+    long long spin_ns = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sii|$OOnnLp", kwlist, &name, &rank, &world,
+                                     &timeout, &connect_timeout, &slot_bytes, &oneshot_max,
+                                     &spin_ns, &worker))
+        return NULL;
+    if (slot_bytes < 0 || oneshot_max < 0) {
+        PyErr_SetString(PyExc_ValueError, "slot_bytes and oneshot_max must be >= 0");
+        return NULL;
+    }
+    fs_comm_opts_t opts;
+    fs_comm_opts_init(&opts);
+    if (seconds_to_ms(timeout, &opts.timeout_ms) < 0 ||
+        seconds_to_ms(connect_timeout, &opts.connect_timeout_ms) < 0)
+        return NULL;
+    opts.slot_bytes = (size_t)slot_bytes;
+    opts.oneshot_max = (size_t)oneshot_max;
+    opts.spin_ns = spin_ns;
+    opts.no_worker = !worker;
+    CommObject *self = (CommObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = fs_comm_create(name, rank, world, &opts, &self->comm, &err);
+    Py_END_ALLOW_THREADS if (rc != FS_OK)
+    {
+        Py_DECREF(self);
+        return fs_py_raise(&err);
+    }
+    return (PyObject *)self;
+}
+
+static void comm_close(CommObject *self)
+{
+    fs_comm_t *c = self->comm;
+    self->comm = NULL;
+    if (c == NULL)
+        return;
+    Py_BEGIN_ALLOW_THREADS fs_comm_shutdown_waiters(c);
+    fs_comm_destroy(c);
+    Py_END_ALLOW_THREADS
+}
+
+static void Comm_dealloc(CommObject *self)
+{
+    comm_close(self); /* nobody else holds a reference, so nothing is busy */
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* close(): wake waiters, let queued collectives finish, unmap. Idempotent. */
+static PyObject *Comm_close(CommObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->comm == NULL)
+        Py_RETURN_NONE;
+    fs_comm_t *c = self->comm;
+    Py_BEGIN_ALLOW_THREADS fs_comm_shutdown_waiters(c);
+    Py_END_ALLOW_THREADS
+        /* Other threads still inside wait()/run() must leave before the memory goes. */
+        while (self->busy > 0 && self->comm != NULL)
+    {
+        Py_BEGIN_ALLOW_THREADS struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+        Py_END_ALLOW_THREADS
+    }
+    comm_close(self);
+    Py_RETURN_NONE;
+}
+
+/* Parse (kind, dtype, op, root, send_ptr, recv_ptr, count) into args. */
+static int parse_coll(PyObject *args, fs_coll_args_t *a)
+{
+    unsigned long long send, recv;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "iiiiKKn", &a->kind, &a->dtype, &a->op, &a->root, &send, &recv,
+                          &count))
+        return -1;
+    if (count < 0) {
+        PyErr_Format(PyExc_ValueError, "element count must be >= 0, got %zd", count);
+        return -1;
+    }
+    if (a->kind < 0 || a->kind >= FS_COLL_KIND_COUNT) {
+        PyErr_Format(PyExc_ValueError, "unknown collective kind %d", a->kind);
+        return -1;
+    }
+    if (a->kind != FS_COLL_BARRIER && fs_dtype_size(a->dtype) == 0) {
+        PyErr_Format(PyExc_TypeError, "unknown dtype code %d", a->dtype);
+        return -1;
+    }
+    a->send = (const void *)(uintptr_t)send;
+    a->recv = (void *)(uintptr_t)recv;
+    a->count = (size_t)count;
+    return 0;
+}
+
+/* run(kind, dtype, op, root, send_ptr, recv_ptr, count): one collective, blocking. */
+static PyObject *Comm_run(CommObject *self, PyObject *args)
+{
+    fs_coll_args_t a;
+    if (comm_check_open(self) < 0 || parse_coll(args, &a) < 0)
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    int rc;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS rc = fs_comm_run(self->comm, &a, &err);
+    Py_END_ALLOW_THREADS self->busy--;
+    if (rc != FS_OK)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
+/* submit(kind, dtype, op, root, send_ptr, recv_ptr, count) -> ticket (runs on the worker). */
+static PyObject *Comm_submit(CommObject *self, PyObject *args)
+{
+    fs_coll_args_t a;
+    if (comm_check_open(self) < 0 || parse_coll(args, &a) < 0)
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    uint64_t ticket = 0;
+    /* Only takes the queue lock: no need to drop the GIL. */
+    if (fs_comm_submit(self->comm, &a, &ticket, &err) != FS_OK)
+        return fs_py_raise(&err);
+    return PyLong_FromUnsignedLongLong(ticket);
+}
+
+/* wait(ticket, timeout=None): block until the ticket completed; raise its error. */
+static PyObject *Comm_wait(CommObject *self, PyObject *args)
+{
+    unsigned long long ticket;
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTuple(args, "K|O", &ticket, &timeout) || comm_check_open(self) < 0)
+        return NULL;
+    int64_t timeout_ms = -1;
+    if (timeout != Py_None) {
+        double s = PyFloat_AsDouble(timeout);
+        if (s == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (!(s >= 0.0)) {
+            PyErr_Format(PyExc_ValueError, "timeout must be None or >= 0, got %R", timeout);
+            return NULL;
+        }
+        timeout_ms = s > 1e12 ? (int64_t)1e15 : (int64_t)(s * 1000.0 + 0.5);
+    }
+    fs_error_t err;
+    fs_error_clear(&err);
+    int rc;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS rc = fs_comm_wait(self->comm, (uint64_t)ticket, timeout_ms, &err);
+    Py_END_ALLOW_THREADS self->busy--;
+    if (rc != FS_OK)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Comm_completed(CommObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (comm_check_open(self) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(fs_comm_completed(self->comm));
+}
+
+static PyObject *Comm_shutdown_waiters(CommObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->comm != NULL)
+        fs_comm_shutdown_waiters(self->comm);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Comm_abort(CommObject *self, PyObject *args)
+{
+    const char *reason = "aborted from Python";
+    if (!PyArg_ParseTuple(args, "|s", &reason) || comm_check_open(self) < 0)
+        return NULL;
+    fs_comm_abort(self->comm, reason);
+    Py_RETURN_NONE;
+}
+
+/* status() -> None while usable, else (status name, message). */
+static PyObject *Comm_status(CommObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (comm_check_open(self) < 0)
+        return NULL;
+    fs_error_t why;
+    int rc = fs_comm_status(self->comm, &why);
+    if (rc == FS_OK)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(ss)", fs_status_name(rc), why.msg);
+}
+
+static PyObject *Comm_get_rank(CommObject *self, void *Py_UNUSED(closure))
+{
+    if (comm_check_open(self) < 0)
+        return NULL;
+    return PyLong_FromLong(fs_comm_rank(self->comm));
+}
+
+static PyObject *Comm_get_world_size(CommObject *self, void *Py_UNUSED(closure))
+{
+    if (comm_check_open(self) < 0)
+        return NULL;
+    return PyLong_FromLong(fs_comm_world_size(self->comm));
+}
+
+static PyObject *Comm_get_closed(CommObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->comm == NULL);
+}
+
+static PyMethodDef Comm_methods[] = {
+    {"run", (PyCFunction)Comm_run, METH_VARARGS,
+     "run(kind, dtype, op, root, send_ptr, recv_ptr, count): one collective, blocking "
+     "(after the queued ones)"},
+    {"submit", (PyCFunction)Comm_submit, METH_VARARGS,
+     "submit(kind, dtype, op, root, send_ptr, recv_ptr, count) -> ticket; runs on the worker"},
+    {"wait", (PyCFunction)Comm_wait, METH_VARARGS,
+     "wait(ticket, timeout=None): until the ticket completed; raises its error "
+     "(TimeoutError if still running, ConnectionError once closing)"},
+    {"completed", (PyCFunction)Comm_completed, METH_NOARGS, "highest completed ticket"},
+    {"shutdown_waiters", (PyCFunction)Comm_shutdown_waiters, METH_NOARGS,
+     "make wait() on tickets not yet submitted raise ConnectionError"},
+    {"abort", (PyCFunction)Comm_abort, METH_VARARGS,
+     "abort(reason): fail every pending and later collective on every rank"},
+    {"status", (PyCFunction)Comm_status, METH_NOARGS,
+     "None while usable, else (status name, message)"},
+    {"close", (PyCFunction)Comm_close, METH_NOARGS,
+     "let queued collectives finish, then leave the communicator"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Comm_getset[] = {
+    {"rank", (getter)Comm_get_rank, NULL, "this rank", NULL},
+    {"world_size", (getter)Comm_get_world_size, NULL, "number of ranks", NULL},
+    {"closed", (getter)Comm_get_closed, NULL, "True after close()", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CommType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastspawn._C.Comm",
+    .tp_basicsize = sizeof(CommObject),
+    .tp_dealloc = (destructor)Comm_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Comm(name, rank, world_size, *, timeout=None, connect_timeout=None, "
+              "slot_bytes=0, oneshot_max=0, spin_ns=-1, worker=True): a shared-memory "
+              "communicator of the ranks of one machine (rank 0 creates the segment `name`, "
+              "from comm_make_name()).",
+    .tp_methods = Comm_methods,
+    .tp_getset = Comm_getset,
+    .tp_new = Comm_new,
+};
+
+static PyObject *py_comm_make_name(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    char name[FS_COMM_NAME_MAX];
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (fs_comm_make_name(name, sizeof name, &err) != FS_OK)
+        return fs_py_raise(&err);
+    return PyUnicode_FromString(name);
+}
+
+static PyObject *py_reduce_isa(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    return PyUnicode_FromString(fs_reduce_isa());
+}
+
+static PyObject *py_reduce_supported(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int dtype, op;
+    if (!PyArg_ParseTuple(args, "ii", &dtype, &op))
+        return NULL;
+    return PyBool_FromLong(fs_reduce_supported(dtype, op));
+}
+
+static PyMethodDef coll_functions[] = {
+    {"comm_make_name", py_comm_make_name, METH_NOARGS,
+     "comm_make_name() -> a fresh random shared-memory segment name"},
+    {"reduce_isa", py_reduce_isa, METH_NOARGS,
+     "reduce_isa() -> the reduction kernels' instruction set ('avx512f', 'avx2', 'default')"},
+    {"reduce_supported", py_reduce_supported, METH_VARARGS,
+     "reduce_supported(dtype, op) -> whether the reduce op is defined for the dtype"},
+    {NULL, NULL, 0, NULL},
+};
+
+int fs_py_init_coll(PyObject *module)
+{
+    if (PyType_Ready(&CommType) < 0)
+        return -1;
+    Py_INCREF(&CommType);
+    if (PyModule_AddObject(module, "Comm", (PyObject *)&CommType) < 0) {
+        Py_DECREF(&CommType);
+        return -1;
+    }
+    if (PyModule_AddFunctions(module, coll_functions) < 0)
+        return -1;
+    static const struct {
+        const char *name;
+        int value;
+    } consts[] = {
+        {"DTYPE_FLOAT32", FS_FLOAT32},
+        {"DTYPE_FLOAT64", FS_FLOAT64},
+        {"DTYPE_FLOAT16", FS_FLOAT16},
+        {"DTYPE_BFLOAT16", FS_BFLOAT16},
+        {"DTYPE_INT8", FS_INT8},
+        {"DTYPE_UINT8", FS_UINT8},
+        {"DTYPE_INT32", FS_INT32},
+        {"DTYPE_INT64", FS_INT64},
+        {"DTYPE_BOOL", FS_BOOL},
+        {"OP_SUM", FS_SUM},
+        {"OP_AVG", FS_AVG},
+        {"OP_MIN", FS_MIN},
+        {"OP_MAX", FS_MAX},
+        {"OP_PRODUCT", FS_PRODUCT},
+        {"OP_BAND", FS_BAND},
+        {"OP_BOR", FS_BOR},
+        {"OP_BXOR", FS_BXOR},
+        {"COLL_ALLREDUCE", FS_COLL_ALLREDUCE},
+        {"COLL_BROADCAST", FS_COLL_BROADCAST},
+        {"COLL_ALLGATHER", FS_COLL_ALLGATHER},
+        {"COLL_REDUCE_SCATTER", FS_COLL_REDUCE_SCATTER},
+        {"COLL_REDUCE", FS_COLL_REDUCE},
+        {"COLL_GATHER", FS_COLL_GATHER},
+        {"COLL_SCATTER", FS_COLL_SCATTER},
+        {"COLL_ALLTOALL", FS_COLL_ALLTOALL},
+        {"COLL_BARRIER", FS_COLL_BARRIER},
+    };
+    for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++) {
+        if (PyModule_AddIntConstant(module, consts[i].name, consts[i].value) < 0)
+            return -1;
+    }
+    return 0;
+}
