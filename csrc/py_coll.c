@@ -76,10 +76,10 @@ static PyObject *Comm_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     fs_error_t err;
     fs_error_clear(&err);
-    int rc;
-    Py_BEGIN_ALLOW_THREADS rc = fs_comm_create(name, rank, world, &opts, &self->comm, &err);
-    Py_END_ALLOW_THREADS if (rc != FS_OK)
-    {
+    PyThreadState *ts = PyEval_SaveThread();
+    int rc = fs_comm_create(name, rank, world, &opts, &self->comm, &err);
+    PyEval_RestoreThread(ts);
+    if (rc != FS_OK) {
         Py_DECREF(self);
         return fs_py_raise(&err);
     }
@@ -92,9 +92,10 @@ static void comm_close(CommObject *self)
     self->comm = NULL;
     if (c == NULL)
         return;
-    Py_BEGIN_ALLOW_THREADS fs_comm_shutdown_waiters(c);
+    PyThreadState *ts = PyEval_SaveThread();
+    fs_comm_shutdown_waiters(c);
     fs_comm_destroy(c);
-    Py_END_ALLOW_THREADS
+    PyEval_RestoreThread(ts);
 }
 
 static void Comm_dealloc(CommObject *self)
@@ -108,15 +109,13 @@ static PyObject *Comm_close(CommObject *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->comm == NULL)
         Py_RETURN_NONE;
-    fs_comm_t *c = self->comm;
-    Py_BEGIN_ALLOW_THREADS fs_comm_shutdown_waiters(c);
-    Py_END_ALLOW_THREADS
-        /* Other threads still inside wait()/run() must leave before the memory goes. */
-        while (self->busy > 0 && self->comm != NULL)
-    {
-        Py_BEGIN_ALLOW_THREADS struct timespec ts = {0, 1000000};
-        nanosleep(&ts, NULL);
-        Py_END_ALLOW_THREADS
+    fs_comm_shutdown_waiters(self->comm); /* only takes the queue lock */
+    /* Other threads still inside wait()/run() must leave before the memory goes. */
+    while (self->busy > 0 && self->comm != NULL) {
+        PyThreadState *ts = PyEval_SaveThread();
+        struct timespec pause = {0, 1000000};
+        (void)nanosleep(&pause, NULL); /* EINTR only shortens the pause */
+        PyEval_RestoreThread(ts);
     }
     comm_close(self);
     Py_RETURN_NONE;
@@ -156,10 +155,12 @@ static PyObject *Comm_run(CommObject *self, PyObject *args)
         return NULL;
     fs_error_t err;
     fs_error_clear(&err);
-    int rc;
+    fs_comm_t *c = self->comm;
     self->busy++;
-    Py_BEGIN_ALLOW_THREADS rc = fs_comm_run(self->comm, &a, &err);
-    Py_END_ALLOW_THREADS self->busy--;
+    PyThreadState *ts = PyEval_SaveThread();
+    int rc = fs_comm_run(c, &a, &err);
+    PyEval_RestoreThread(ts);
+    self->busy--;
     if (rc != FS_OK)
         return fs_py_raise(&err);
     Py_RETURN_NONE;
@@ -200,10 +201,12 @@ static PyObject *Comm_wait(CommObject *self, PyObject *args)
     }
     fs_error_t err;
     fs_error_clear(&err);
-    int rc;
+    fs_comm_t *c = self->comm;
     self->busy++;
-    Py_BEGIN_ALLOW_THREADS rc = fs_comm_wait(self->comm, (uint64_t)ticket, timeout_ms, &err);
-    Py_END_ALLOW_THREADS self->busy--;
+    PyThreadState *ts = PyEval_SaveThread();
+    int rc = fs_comm_wait(c, (uint64_t)ticket, timeout_ms, &err);
+    PyEval_RestoreThread(ts);
+    self->busy--;
     if (rc != FS_OK)
         return fs_py_raise(&err);
     Py_RETURN_NONE;
