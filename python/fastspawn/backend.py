@@ -1,0 +1,679 @@
+"""The "fastspawn" torch.distributed backend: shared-memory CPU collectives.
+
+Importing this module registers the backend, so that
+
+    import fastspawn.backend  # noqa: F401
+    dist.init_process_group("fastspawn", store=..., rank=..., world_size=...)
+
+gives a process group whose collectives run in C (fastspawn._C.Comm) over one
+shared-memory segment for the ranks of one machine. Every dist.* collective and
+plain DistributedDataParallel work on it.
+
+How a collective runs: Python hands the tensors' data_ptr(), element count,
+dtype and op codes to C. Synchronous calls (async_op=False) and small ones while
+nothing is queued run right in the calling thread, with the GIL released.
+Others go to the communicator's C worker thread, which runs them in order; a
+Python completion thread, blocked in C without the GIL, completes each Work's
+torch Future as its collective finishes, so DDP overlaps gradient communication
+with the backward pass.
+
+Tensors must be CPU tensors; non-contiguous ones are copied. Reductions take
+float32, float64, float16, bfloat16, int8, uint8, int32, int64, bool (and
+complex for SUM/AVG); data-moving collectives take any dtype.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+
+BACKEND_NAME = "fastspawn"
+
+# Collectives up to this many bytes run in the calling thread when nothing is queued.
+INLINE_BYTES = int(os.environ.get("FASTSPAWN_INLINE_BYTES", str(256 << 10)))
+
+_DTYPES = {
+    torch.float32: _C.DTYPE_FLOAT32,
+    torch.float64: _C.DTYPE_FLOAT64,
+    torch.float16: _C.DTYPE_FLOAT16,
+    torch.bfloat16: _C.DTYPE_BFLOAT16,
+    torch.int8: _C.DTYPE_INT8,
+    torch.uint8: _C.DTYPE_UINT8,
+    torch.int32: _C.DTYPE_INT32,
+    torch.int64: _C.DTYPE_INT64,
+    torch.bool: _C.DTYPE_BOOL,
+}
+
+_OPS = {
+    "SUM": _C.OP_SUM,
+    "AVG": _C.OP_AVG,
+    "MIN": _C.OP_MIN,
+    "MAX": _C.OP_MAX,
+    "PRODUCT": _C.OP_PRODUCT,
+    "BAND": _C.OP_BAND,
+    "BOR": _C.OP_BOR,
+    "BXOR": _C.OP_BXOR,
+}
+
+_BackendError = getattr(dist, "DistBackendError", RuntimeError)
+
+
+def _wrap_error(exc: BaseException) -> BaseException:
+    """C errors (RuntimeError, TimeoutError) as torch's DistBackendError."""
+    if isinstance(exc, _BackendError) or not isinstance(exc, (RuntimeError, TimeoutError)):
+        return exc
+    err = _BackendError(f"fastspawn: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _seconds(timeout) -> float | None:
+    """A wait timeout (timedelta, seconds or None; 0 means none, as in c10d) in seconds."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, timedelta):
+        timeout = timeout.total_seconds()
+    timeout = float(timeout)
+    return None if timeout <= 0 else timeout
+
+
+def _check_cpu(t: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastspawn: {what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(
+            f"fastspawn: {what} is on {t.device}; the fastspawn backend handles CPU tensors "
+            "only for now (CUDA goes through NCCL, not yet available): move it to the CPU or "
+            "use a 'cpu:fastspawn,cuda:nccl' process group"
+        )
+    if t.layout != torch.strided:
+        raise ValueError(f"fastspawn: {what} has layout {t.layout}; only dense tensors are supported")
+
+
+def _reduce_op(opts) -> int:
+    op = opts.reduceOp
+    kind = getattr(op, "op", op)  # ReduceOp -> RedOpType (older torch: the enum itself)
+    name = getattr(kind, "name", None) or str(kind).rsplit(".", 1)[-1]
+    if name not in _OPS:
+        raise ValueError(f"fastspawn: reduce op {name} is not supported")
+    return _OPS[name]
+
+
+def _reduce_dtype(t: torch.Tensor, op: int) -> tuple[torch.Tensor, int]:
+    """The tensor as the C side sees it (complex as pairs of reals) and its dtype code."""
+    if t.is_complex():
+        if op not in (_C.OP_SUM, _C.OP_AVG):
+            raise ValueError("fastspawn: complex tensors support only SUM and AVG")
+        t = torch.view_as_real(t)
+    code = _DTYPES.get(t.dtype)
+    if code is None:
+        raise TypeError(
+            f"fastspawn: reductions do not support {t.dtype}; supported: "
+            + ", ".join(str(d).replace("torch.", "") for d in _DTYPES)
+        )
+    if not _C.reduce_supported(code, op):
+        name = next(k for k, v in _OPS.items() if v == op)
+        raise TypeError(f"fastspawn: reduce op {name} is not defined for {t.dtype}")
+    return t, code
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a flat uint8 tensor (for data-moving collectives)."""
+    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def _contiguous(t: torch.Tensor, what: str) -> torch.Tensor:
+    _check_cpu(t, what)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class _Finish:
+    """Copies to do once a collective completed (into non-contiguous or list outputs)."""
+
+    def __init__(self):
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.copies.append((dst, src))
+
+    def inout(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """A contiguous buffer for an in/out tensor; copied back if it is a copy."""
+        buf = _contiguous(t, what)
+        if buf is not t:
+            self.copy(t, buf)
+        return buf
+
+    def __call__(self) -> None:
+        for dst, src in self.copies:
+            dst.copy_(src.view(dst.dtype).reshape(dst.shape) if src.dtype != dst.dtype else src)
+        self.copies = []
+
+
+class Work(dist._Work):
+    """A fastspawn collective in flight: wait() blocks (without the GIL), get_future()
+    returns a torch Future completed by the completion thread."""
+
+    def __init__(self, engine: "_Engine", result, finish=None, keep=()):
+        super().__init__()
+        self._engine = engine
+        self._ticket = 0
+        self._result = result
+        self._finish = finish
+        self._keep = keep  # buffers the C side reads or writes until completion
+        self._fut = torch.futures.Future()
+        self._lock = threading.RLock()
+        self._done = False
+        self._exc = None
+
+    def _complete(self, exc: BaseException | None) -> None:
+        with self._lock:
+            if self._done:
+                return
+            if exc is None and self._finish is not None:
+                try:
+                    self._finish()
+                except BaseException as e:  # noqa: BLE001 - handed to the waiter
+                    exc = e
+            self._finish = None
+            self._keep = ()
+            self._exc = exc
+            self._done = True
+            if exc is None:
+                self._fut.set_result(self._result)
+            else:
+                self._fut.set_exception(exc)
+
+    def wait(self, timeout=None) -> bool:
+        if not self._done:
+            seconds = _seconds(timeout)
+            try:
+                self._engine.comm.wait(self._ticket, seconds)
+            except TimeoutError as e:
+                if self._engine.comm.completed() < self._ticket:
+                    raise _BackendError(
+                        f"fastspawn: collective still running after {seconds} s"
+                    ) from e
+                self._complete(_wrap_error(e))
+            except Exception as e:  # noqa: BLE001 - the collective's own error
+                self._complete(_wrap_error(e))
+            else:
+                self._complete(None)
+        if self._exc is not None:
+            raise self._exc
+        return True
+
+    def get_future(self):
+        return self._fut
+
+    def is_completed(self) -> bool:
+        if not self._done and not self._engine.comm.closed:
+            if self._engine.comm.completed() >= self._ticket:
+                try:
+                    self.wait()
+                except Exception:  # noqa: BLE001 - recorded in exception()
+                    pass
+        return self._done
+
+    def is_success(self) -> bool:
+        return self._done and self._exc is None
+
+    def exception(self):
+        return self._exc
+
+    def result(self):
+        return self._result
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _done_work(engine, result, exc=None) -> Work:
+    w = Work(engine, result)
+    w._complete(exc)
+    return w
+
+
+class _Engine:
+    """The communicator, the queue of pending Works and the completion thread."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.lock = threading.Lock()
+        self.works: dict[int, Work] = {}
+        self.thread: threading.Thread | None = None
+        self.closing = False
+
+    def idle(self) -> bool:
+        return not self.works
+
+    def launch(self, args, result, finish=None, keep=(), sync=False, nbytes=0) -> Work:
+        """Run one collective: inline (sync, or small with nothing queued) or queued."""
+        if self.closing or self.comm.closed:
+            raise _BackendError("fastspawn: the process group was shut down")
+        if sync or (nbytes <= INLINE_BYTES and self.idle()):
+            try:
+                self.comm.run(*args)
+            except Exception as e:  # noqa: BLE001 - reported through the Work
+                return _done_work(self, result, _wrap_error(e))
+            work = Work(self, result, finish)
+            work._complete(None)
+            return work
+        work = Work(self, result, finish, keep)
+        with self.lock:
+            work._ticket = self.comm.submit(*args)
+            self.works[work._ticket] = work
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._loop, name="fastspawn-completion", daemon=True
+                )
+                self.thread.start()
+        return work
+
+    def _loop(self) -> None:
+        ticket = 1
+        while True:
+            exc = None
+            try:
+                self.comm.wait(ticket)
+            except ConnectionError:
+                if self.closing:
+                    break  # not submitted, and never will be
+                exc = _BackendError("fastspawn: communicator closed")
+            except BaseException as e:  # noqa: BLE001 - the collective's error
+                exc = _wrap_error(e)
+            with self.lock:
+                work = self.works.pop(ticket, None)
+            if work is not None:  # tickets of blocking run() calls have no Work
+                work._complete(exc)
+            ticket += 1
+
+    def close(self, abort_reason: str | None = None) -> None:
+        with self.lock:
+            if self.closing:
+                return
+            self.closing = True
+        if self.comm.closed:
+            return
+        if abort_reason is not None:
+            self.comm.abort(abort_reason)
+        self.comm.shutdown_waiters()
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self.comm.close()
+
+
+_live_engines: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for engine in list(_live_engines):
+        try:
+            engine.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def _exchange_name(store, rank: int, world_size: int) -> str:
+    """Rank 0 picks the segment name; the others read it from the store.
+
+    A generation counter keeps a reused store (same prefix) from handing out the
+    name of an earlier, already unlinked, segment.
+    """
+    generation = (store.add("fastspawn/shm_joins", 1) - 1) // world_size
+    key = f"fastspawn/shm_name/{generation}"
+    if rank == 0:
+        name = _C.comm_make_name()
+        store.set(key, name)
+        return name
+    value = store.get(key)
+    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+class ProcessGroupFastspawn(dist.ProcessGroup):
+    """A torch.distributed ProcessGroup over fastspawn's shared-memory collectives."""
+
+    def __init__(self, store, rank: int, world_size: int, timeout=timedelta(minutes=30), **comm_kw):
+        super().__init__(rank, world_size)
+        self._rank = rank
+        self._world_size = world_size
+        seconds = _seconds(timeout) or 1800.0
+        name = _exchange_name(store, rank, world_size)
+        comm = _C.Comm(name, rank, world_size, timeout=seconds, connect_timeout=seconds, **comm_kw)
+        self._engine = _Engine(comm)
+        _live_engines.add(self._engine)
+        weakref.finalize(self, self._engine.close)
+
+    # -- identity ---------------------------------------------------------------
+    def getBackendName(self) -> str:
+        return BACKEND_NAME
+
+    def getRank(self) -> int:
+        return self._rank
+
+    def getSize(self) -> int:
+        return self._world_size
+
+    def __repr__(self) -> str:
+        return f"ProcessGroupFastspawn(rank={self._rank}, world_size={self._world_size})"
+
+    # -- lifetime ---------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Let queued collectives finish, then leave the communicator."""
+        self._engine.close()
+
+    def abort(self) -> None:
+        """Fail every pending collective here and on every peer, then leave."""
+        self._engine.close(abort_reason=f"rank {self._rank} aborted the process group")
+
+    # -- helpers ----------------------------------------------------------------
+    def _launch(self, kind, dtype, op, root, send, recv, count, result, *, opts=None,
+                finish=None, keep=(), nbytes=0) -> Work:
+        sync = opts is not None and getattr(opts, "asyncOp", True) is False
+        args = (kind, dtype, op, root, send.data_ptr() if send is not None else 0,
+                recv.data_ptr() if recv is not None else 0, count)
+        return self._engine.launch(args, result, finish=finish, keep=keep, sync=sync,
+                                   nbytes=nbytes)
+
+    def _root(self, opts) -> int:
+        root = opts.rootRank
+        if not 0 <= root < self._world_size:
+            raise ValueError(f"fastspawn: root rank {root} is not in 0..{self._world_size - 1}")
+        return root
+
+    @staticmethod
+    def _single(tensors, what: str) -> torch.Tensor:
+        if len(tensors) != 1:
+            raise ValueError(f"fastspawn: {what} takes exactly one tensor per rank, got {len(tensors)}")
+        return tensors[0]
+
+    def _check_same(self, tensors, like: torch.Tensor, what: str) -> None:
+        if len(tensors) != self._world_size:
+            raise ValueError(
+                f"fastspawn: {what} needs {self._world_size} tensors, got {len(tensors)}"
+            )
+        for i, t in enumerate(tensors):
+            _check_cpu(t, f"{what}[{i}]")
+            if t.numel() != like.numel() or t.dtype != like.dtype:
+                raise ValueError(
+                    f"fastspawn: {what}[{i}] has {t.numel()} {t.dtype} elements, expected "
+                    f"{like.numel()} {like.dtype} like the input"
+                )
+
+    # -- reductions -------------------------------------------------------------
+    def allreduce(self, tensors, opts=None):
+        opts = opts if opts is not None else dist.AllreduceOptions()
+        t = self._single(tensors, "allreduce")
+        op = _reduce_op(opts)
+        finish = _Finish()
+        buf = finish.inout(t, "allreduce tensor")
+        view, code = _reduce_dtype(buf, op)
+        return self._launch(_C.COLL_ALLREDUCE, code, op, 0, view, view, view.numel(), tensors,
+                            opts=opts, finish=finish, keep=(buf,), nbytes=buf.nbytes)
+
+    def allreduce_coalesced(self, tensors, opts=None):
+        opts = opts if opts is not None else dist.AllreduceCoalescedOptions()
+        if not tensors:
+            return _done_work(self._engine, tensors)
+        op = _reduce_op(opts)
+        for i, t in enumerate(tensors):
+            _check_cpu(t, f"allreduce_coalesced tensor {i}")
+            if t.dtype != tensors[0].dtype:
+                raise TypeError("fastspawn: allreduce_coalesced tensors must share one dtype")
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        view, code = _reduce_dtype(flat, op)
+        finish = _Finish()
+        offset = 0
+        for t in tensors:
+            finish.copy(t, flat[offset:offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        return self._launch(_C.COLL_ALLREDUCE, code, op, 0, view, view, view.numel(), tensors,
+                            opts=opts, finish=finish, keep=(flat,), nbytes=flat.nbytes)
+
+    def reduce(self, tensors, opts=None):
+        opts = opts if opts is not None else dist.ReduceOptions()
+        t = self._single(tensors, "reduce")
+        op, root = _reduce_op(opts), self._root(opts)
+        finish = _Finish()
+        buf = finish.inout(t, "reduce tensor") if root == self._rank else _contiguous(t, "reduce tensor")
+        view, code = _reduce_dtype(buf, op)
+        recv = view if root == self._rank else None
+        return self._launch(_C.COLL_REDUCE, code, op, root, view, recv, view.numel(), tensors,
+                            opts=opts, finish=finish, keep=(buf,), nbytes=buf.nbytes)
+
+    def reduce_scatter(self, output_tensors, input_tensors, opts=None):
+        opts = opts if opts is not None else dist.ReduceScatterOptions()
+        out = self._single(output_tensors, "reduce_scatter output")
+        inputs = self._single(input_tensors, "reduce_scatter input")
+        _check_cpu(out, "reduce_scatter output")
+        self._check_same(inputs, out, "reduce_scatter input list")
+        op = _reduce_op(opts)
+        flat = torch.cat([t.reshape(-1) for t in inputs])
+        return self._reduce_scatter_flat(out, flat, op, opts, output_tensors, keep=(flat,))
+
+    def _reduce_scatter_flat(self, out, flat, op, opts, result, keep=()):
+        finish = _Finish()
+        buf = finish.inout(out, "reduce_scatter output")
+        recv_view, code = _reduce_dtype(buf, op)
+        send_view, _ = _reduce_dtype(flat, op)
+        return self._launch(_C.COLL_REDUCE_SCATTER, code, op, 0, send_view, recv_view,
+                            recv_view.numel(), result, opts=opts, finish=finish,
+                            keep=keep + (buf, flat), nbytes=flat.nbytes)
+
+    def reduce_scatter_single(self, output, input, opts=None):
+        opts = opts if opts is not None else dist.ReduceScatterOptions()
+        _check_cpu(output, "reduce_scatter output")
+        if input.numel() != output.numel() * self._world_size or input.dtype != output.dtype:
+            raise ValueError(
+                f"fastspawn: reduce_scatter input must have world_size ({self._world_size}) x "
+                f"the output's {output.numel()} {output.dtype} elements, got "
+                f"{input.numel()} {input.dtype}"
+            )
+        flat = _contiguous(input, "reduce_scatter input")
+        return self._reduce_scatter_flat(output, flat, _reduce_op(opts), opts, [output])
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
+        works = [self.reduce_scatter_single(o, i, opts) for o, i in zip(outputs, inputs)]
+        return works[-1] if works else _done_work(self._engine, outputs)
+
+    reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced
+
+    # -- data movement ----------------------------------------------------------
+    def broadcast(self, tensors, opts=None):
+        opts = opts if opts is not None else dist.BroadcastOptions()
+        t = self._single(tensors, "broadcast")
+        root = self._root(opts)
+        finish = _Finish()
+        buf = finish.inout(t, "broadcast tensor")
+        data = _as_bytes(buf)
+        return self._launch(_C.COLL_BROADCAST, _C.DTYPE_UINT8, 0, root, None, data, data.numel(),
+                            tensors, opts=opts, finish=finish, keep=(buf,), nbytes=data.numel())
+
+    def allgather(self, output_tensors, input_tensors, opts=None):
+        opts = opts if opts is not None else dist.AllgatherOptions()
+        outs = self._single(output_tensors, "allgather output")
+        inp = _contiguous(self._single(input_tensors, "allgather input"), "allgather input")
+        self._check_same(outs, inp, "allgather output list")
+        flat = torch.empty(inp.nbytes * self._world_size, dtype=torch.uint8)
+        finish = _Finish()
+        for q, o in enumerate(outs):
+            finish.copy(o, flat[q * inp.nbytes:(q + 1) * inp.nbytes])
+        src = _as_bytes(inp)
+        return self._launch(_C.COLL_ALLGATHER, _C.DTYPE_UINT8, 0, 0, src, flat, src.numel(),
+                            output_tensors, opts=opts, finish=finish, keep=(inp, flat),
+                            nbytes=flat.numel())
+
+    def all_gather_single(self, output, input, opts=None):
+        opts = opts if opts is not None else dist.AllgatherOptions()
+        _check_cpu(output, "all_gather output")
+        inp = _contiguous(input, "all_gather input")
+        if output.numel() != inp.numel() * self._world_size or output.dtype != inp.dtype:
+            raise ValueError(
+                f"fastspawn: all_gather output must hold world_size ({self._world_size}) x the "
+                f"input's {inp.numel()} {inp.dtype} elements, got {output.numel()} {output.dtype}"
+            )
+        finish = _Finish()
+        buf = finish.inout(output, "all_gather output")
+        src, dst = _as_bytes(inp), _as_bytes(buf)
+        return self._launch(_C.COLL_ALLGATHER, _C.DTYPE_UINT8, 0, 0, src, dst, src.numel(),
+                            [output], opts=opts, finish=finish, keep=(inp, buf),
+                            nbytes=dst.numel())
+
+    _allgather_base = all_gather_single
+
+    def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
+        works = [self.all_gather_single(o, i, opts) for o, i in zip(outputs, inputs)]
+        return works[-1] if works else _done_work(self._engine, outputs)
+
+    all_gather_single_coalesced = allgather_into_tensor_coalesced
+
+    def gather(self, output_tensors, input_tensors, opts=None):
+        opts = opts if opts is not None else dist.GatherOptions()
+        root = self._root(opts)
+        inp = _contiguous(self._single(input_tensors, "gather input"), "gather input")
+        src = _as_bytes(inp)
+        finish = _Finish()
+        flat = None
+        if root == self._rank:
+            outs = self._single(output_tensors, "gather output")
+            self._check_same(outs, inp, "gather output list")
+            flat = torch.empty(inp.nbytes * self._world_size, dtype=torch.uint8)
+            for q, o in enumerate(outs):
+                finish.copy(o, flat[q * inp.nbytes:(q + 1) * inp.nbytes])
+        return self._launch(_C.COLL_GATHER, _C.DTYPE_UINT8, 0, root, src, flat, src.numel(),
+                            output_tensors, opts=opts, finish=finish, keep=(inp, flat),
+                            nbytes=src.numel() * self._world_size)
+
+    def scatter(self, output_tensors, input_tensors, opts=None):
+        opts = opts if opts is not None else dist.ScatterOptions()
+        root = self._root(opts)
+        out = self._single(output_tensors, "scatter output")
+        _check_cpu(out, "scatter output")
+        finish = _Finish()
+        buf = finish.inout(out, "scatter output")
+        dst = _as_bytes(buf)
+        flat = None
+        if root == self._rank:
+            inputs = self._single(input_tensors, "scatter input")
+            self._check_same(inputs, out, "scatter input list")
+            flat = torch.cat([_as_bytes(_contiguous(t, "scatter input")) for t in inputs])
+        return self._launch(_C.COLL_SCATTER, _C.DTYPE_UINT8, 0, root, flat, dst, dst.numel(),
+                            output_tensors, opts=opts, finish=finish, keep=(buf, flat),
+                            nbytes=dst.numel() * self._world_size)
+
+    def alltoall(self, output_tensors, input_tensors, opts=None):
+        opts = opts if opts is not None else dist.AllToAllOptions()
+        n = self._world_size
+        if len(output_tensors) != n or len(input_tensors) != n:
+            raise ValueError(f"fastspawn: alltoall needs {n} input and {n} output tensors")
+        ins = [_contiguous(t, f"alltoall input[{q}]") for q, t in enumerate(input_tensors)]
+        for q, t in enumerate(output_tensors):
+            _check_cpu(t, f"alltoall output[{q}]")
+        return self._alltoall_blocks([_as_bytes(t) for t in ins],
+                                     [(t, t.nbytes) for t in output_tensors], output_tensors,
+                                     opts, keep=tuple(ins))
+
+    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
+        opts = opts if opts is not None else dist.AllToAllOptions()
+        n = self._world_size
+        _check_cpu(output, "all_to_all output")
+        inp = _contiguous(input, "all_to_all input")
+        finish = _Finish()
+        buf = finish.inout(output, "all_to_all output")
+        if not output_split_sizes and not input_split_sizes:
+            if inp.numel() % n or inp.nbytes != buf.nbytes:
+                raise ValueError(
+                    f"fastspawn: all_to_all without splits needs equal input and output sizes "
+                    f"divisible by world_size {n}"
+                )
+            src, dst = _as_bytes(inp), _as_bytes(buf)
+            return self._launch(_C.COLL_ALLTOALL, _C.DTYPE_UINT8, 0, 0, src, dst,
+                                src.numel() // n, [output], opts=opts, finish=finish,
+                                keep=(inp, buf), nbytes=src.numel())
+        ins = self._split_rows(inp, input_split_sizes, "input")
+        outs = self._split_rows(buf, output_split_sizes, "output")
+        work = self._alltoall_blocks([_as_bytes(t) for t in ins],
+                                     [(t, t.nbytes) for t in outs], [output], opts,
+                                     keep=(inp, buf), finish=finish)
+        return work
+
+    alltoall_base = all_to_all_single
+
+    def _split_rows(self, t, splits, what):
+        n = self._world_size
+        if not splits:
+            if t.shape[0] % n if t.dim() else True:
+                raise ValueError(f"fastspawn: all_to_all {what} rows are not divisible by {n}")
+            splits = [t.shape[0] // n] * n
+        if len(splits) != n or sum(splits) != (t.shape[0] if t.dim() else 0):
+            raise ValueError(f"fastspawn: all_to_all {what} split sizes {list(splits)} do not "
+                             f"match {n} ranks and {t.shape[0] if t.dim() else 0} rows")
+        return list(torch.split(t, list(splits), dim=0))
+
+    def _alltoall_blocks(self, ins, outs, result, opts, keep=(), finish=None):
+        """all_to_all of byte blocks ins[q] -> rank q, outs[q] (tensor, bytes) <- rank q.
+
+        Equal blocks go straight to C; uneven ones are padded to the largest block
+        of any rank (the send sizes are all-gathered first)."""
+        n = self._world_size
+        finish = finish if finish is not None else _Finish()
+        send_sizes = torch.tensor([b.numel() for b in ins], dtype=torch.int64)
+        sizes = torch.empty(n * n, dtype=torch.int64)
+        self._engine.comm.run(_C.COLL_ALLGATHER, _C.DTYPE_INT64, 0, 0, send_sizes.data_ptr(),
+                              sizes.data_ptr(), n)
+        sizes = sizes.view(n, n)  # sizes[p][q]: bytes rank p sends to rank q
+        for q, (t, nbytes) in enumerate(outs):
+            if int(sizes[q][self._rank]) != nbytes:
+                raise ValueError(
+                    f"fastspawn: all_to_all: rank {q} sends {int(sizes[q][self._rank])} bytes "
+                    f"to rank {self._rank}, which expects {nbytes}"
+                )
+        block = int(sizes.max())
+        send = torch.zeros(n * block, dtype=torch.uint8)
+        for q, b in enumerate(ins):
+            send[q * block:q * block + b.numel()] = b
+        recv = torch.empty(n * block, dtype=torch.uint8)
+        for q, (t, nbytes) in enumerate(outs):
+            finish.copy(t, recv[q * block:q * block + nbytes])
+        return self._launch(_C.COLL_ALLTOALL, _C.DTYPE_UINT8, 0, 0, send, recv, block, result,
+                            opts=opts, finish=finish, keep=keep + (send, recv),
+                            nbytes=send.numel())
+
+    def barrier(self, opts=None):
+        return self._launch(_C.COLL_BARRIER, 0, 0, 0, None, None, 0, [], opts=opts)
+
+
+def _create(*args):
+    """The backend creator, for both register_backend call shapes:
+    (store, rank, world_size, timeout) and, with extended_api, (DistributedBackendOptions,
+    backend options)."""
+    if len(args) == 2:
+        bopts = args[0]
+        return ProcessGroupFastspawn(bopts.store, bopts.group_rank, bopts.group_size,
+                                     bopts.timeout)
+    store, rank, world_size, timeout = args
+    return ProcessGroupFastspawn(store, rank, world_size, timeout)
+
+
+def register() -> None:
+    """Register "fastspawn" with torch.distributed (idempotent)."""
+    if BACKEND_NAME.upper() in getattr(dist.Backend, "_plugins", {}):
+        return
+    try:
+        dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu"])
+    except TypeError:  # a torch without the devices argument
+        dist.Backend.register_backend(BACKEND_NAME, _create)
+
+
+register()
