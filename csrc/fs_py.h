@@ -18,6 +18,7 @@ int fs_py_raise_int(const fs_error_t *err);
 /* Each binding file adds its functions/types to the module. */
 int fs_py_init_supervise(PyObject *module);
 /* >>> more binding init functions (store, coll) >>> */
+int fs_py_init_store(PyObject *module);
 int fs_py_init_coll(PyObject *module);
 /* <<< more binding init functions <<< */
 

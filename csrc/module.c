@@ -57,6 +57,8 @@ PyMODINIT_FUNC PyInit__C(void)
     if (fs_py_init_supervise(m) < 0)
         goto fail;
     /* >>> more binding init calls >>> */
+    if (fs_py_init_store(m) < 0)
+        goto fail;
     if (fs_py_init_coll(m) < 0)
         goto fail;
     /* <<< more binding init calls <<< */

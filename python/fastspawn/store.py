@@ -1,0 +1,344 @@
+"""The rendezvous key-value store, as a ``torch.distributed.Store``.
+
+The launcher runs a :class:`StoreServer` (a C thread in the launcher process,
+bound to an ephemeral port, so never "Address already in use") and every rank
+connects a :class:`Store` to it. ``Store`` is a ``torch.distributed.Store``
+subclass, so torch can rendezvous through it::
+
+    store = fastspawn.store.Store.from_env()
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+
+Environment variables (set by fastspawn's launcher for each rank):
+
+``FASTSPAWN_STORE_ADDR``
+    Where the server listens: ``"host:port"`` (``"[::1]:port"`` for IPv6), or
+    ``"unix:@name"`` / ``"unix:/path"`` for a Unix socket.
+``FASTSPAWN_STORE_TOKEN``
+    The server's token (random hex from ``getrandom()``). Every connection
+    presents it first; a wrong one gets ``PermissionError``.
+``FASTSPAWN_STORE_TIMEOUT``
+    Optional: the default timeout in seconds (300 when unset).
+
+Semantics follow torch's c10d stores: ``get``/``wait``/``multi_get`` block
+until the keys exist or the timeout passes; ``add`` keeps a decimal counter
+(``get`` of it returns ``b"3"``); ``compare_set`` with an empty ``expected``
+creates a missing key. Timeouts are ``timedelta`` (or seconds); as in torch,
+``timedelta(0)`` means no limit. A timeout raises :class:`StoreTimeoutError`,
+which is both a ``TimeoutError`` and torch's ``DistStoreError`` (so torch's own
+``except RuntimeError`` retry loops work), and names the missing keys. Limits:
+keys up to 4096 bytes (UTF-8), values up to 64 MiB (the server's
+``max_value_size``), 1024 keys per call.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import timedelta
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch.distributed as dist
+
+from . import _C
+
+__all__ = ["Store", "StoreServer", "StoreTimeoutError", "ENV_ADDR", "ENV_TOKEN", "ENV_TIMEOUT"]
+
+ENV_ADDR = "FASTSPAWN_STORE_ADDR"
+ENV_TOKEN = "FASTSPAWN_STORE_TOKEN"
+ENV_TIMEOUT = "FASTSPAWN_STORE_TIMEOUT"
+
+DEFAULT_TIMEOUT = timedelta(seconds=300)
+
+Timeout = Union[timedelta, float, int, None]
+Value = Union[bytes, bytearray, memoryview, str]
+
+
+class StoreTimeoutError(TimeoutError, dist.DistStoreError):
+    """A store call ran out of time. The message names the key(s) it waited for."""
+
+
+_C._store_set_timeout_error(StoreTimeoutError)  # what every StoreClient timeout raises
+
+
+def _as_timedelta(timeout: Timeout, what: str = "timeout") -> timedelta:
+    if isinstance(timeout, timedelta):
+        td = timeout
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        if math.isnan(timeout):
+            raise ValueError(f"{what} must be a number of seconds or a timedelta, got nan")
+        td = timedelta(seconds=timeout) if math.isfinite(timeout) else timedelta.max
+    else:
+        raise TypeError(
+            f"{what} must be a datetime.timedelta or seconds, not {type(timeout).__name__}"
+        )
+    if td < timedelta(0):
+        raise ValueError(f"{what} must be >= 0, got {td} (timedelta(0) means no limit)")
+    return td
+
+
+def _seconds(td: timedelta) -> float:
+    # torch's kNoTimeout is 0; timedelta.max is "no limit" too.
+    if td == timedelta(0) or td == timedelta.max:
+        return math.inf
+    return td.total_seconds()
+
+
+def parse_addr(addr: str) -> Tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or ``"unix:..."`` -> (host, port)."""
+    if addr.startswith("unix:"):
+        return addr, 0
+    if addr.startswith("["):
+        host, sep, port = addr[1:].partition("]:")
+    else:
+        host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"store address {addr!r} is not 'host:port', '[ipv6]:port' or 'unix:PATH'"
+        )
+    return host, int(port)
+
+
+def format_addr(host: str, port: int) -> str:
+    if host.startswith("unix:"):
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Store(dist.Store):
+    """A client of a fastspawn :class:`StoreServer`, usable wherever torch wants a Store.
+
+    ``Store(host, port, token, timeout=timedelta(seconds=300))`` connects
+    (retrying with backoff for up to ``connect_timeout``, default 60 s) and
+    authenticates. One instance is thread-safe (calls are serialised on its
+    connection); :meth:`clone` opens another connection.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        *,
+        connect_timeout: Timeout = None,
+    ) -> None:
+        super().__init__()
+        td = _as_timedelta(timeout)
+        ctd = None
+        if connect_timeout is not None:
+            ctd = _as_timedelta(connect_timeout, "connect_timeout")
+        if not isinstance(host, str) or not host:
+            raise ValueError(f"host must be a non-empty str, got {host!r}")
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"token must be the server's token (a non-empty str); set {ENV_TOKEN}")
+        self._host, self._port, self._token = host, int(port), token
+        self._client = _C.StoreClient(
+            host, self._port, token, timeout=_seconds(td),
+            connect_timeout=None if ctd is None else _seconds(ctd),
+        )
+        # The timeout lives in the C++ base (torch reads it there); every call reads it back.
+        super().set_timeout(td)
+
+    @classmethod
+    def from_env(cls, timeout: Timeout = None, *, connect_timeout: Timeout = None) -> "Store":
+        """Connect to the launcher's store: FASTSPAWN_STORE_ADDR / _TOKEN (/ _TIMEOUT)."""
+        addr = os.environ.get(ENV_ADDR)
+        token = os.environ.get(ENV_TOKEN)
+        if not addr or not token:
+            missing = " and ".join(n for n, v in ((ENV_ADDR, addr), (ENV_TOKEN, token)) if not v)
+            raise RuntimeError(
+                f"{missing} not set: fastspawn's launcher sets them for each rank; outside it, "
+                "pass host, port and token to fastspawn.store.Store(...)"
+            )
+        if timeout is None:
+            env_t = os.environ.get(ENV_TIMEOUT)
+            try:
+                timeout = float(env_t) if env_t else DEFAULT_TIMEOUT
+            except ValueError:
+                raise ValueError(f"{ENV_TIMEOUT}={env_t!r} is not a number of seconds") from None
+        host, port = parse_addr(addr)
+        return cls(host, port, token, timeout, connect_timeout=connect_timeout)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _t(self, timeout: Timeout = None) -> float:
+        if timeout is None:
+            return _seconds(self.timeout)
+        return _seconds(_as_timedelta(timeout))
+
+    @property
+    def addr(self) -> str:
+        return format_addr(self._host, self._port)
+
+    def __repr__(self) -> str:
+        return f"fastspawn.store.Store({self.addr!r}, timeout={self.timeout})"
+
+    def __reduce__(self):
+        # A Store sent to another process reconnects there.
+        return (_reconnect, (self._host, self._port, self._token, self.timeout))
+
+    # -- torch c10d Store API -------------------------------------------------
+
+    def set(self, key: str, value: Value) -> None:
+        self._client.set(key, value, self._t())
+
+    def get(self, key: str) -> bytes:
+        return self._client.get(key, self._t())
+
+    def add(self, key: str, value: int) -> int:
+        return self._client.add(key, value, self._t())
+
+    def compare_set(self, key: str, expected_value: Value, desired_value: Value) -> bytes:
+        return self._client.compare_set(key, expected_value, desired_value, self._t())
+
+    def wait(self, keys: Sequence[str], timeout: Timeout = None) -> None:
+        self._client.wait(keys, self._t(timeout))
+
+    def check(self, keys: Sequence[str]) -> bool:
+        return self._client.check(keys, self._t())
+
+    def delete_key(self, key: str) -> bool:
+        return self._client.delete_key(key, self._t())
+
+    def num_keys(self) -> int:
+        return self._client.num_keys(self._t())
+
+    def multi_get(self, keys: Sequence[str]) -> List[bytes]:
+        return self._client.multi_get(keys, self._t())
+
+    def multi_set(self, keys: Sequence[str], values: Sequence[Value]) -> None:
+        self._client.multi_set(keys, values, self._t())
+
+    def append(self, key: str, value: Value) -> None:
+        self._client.append(key, value, self._t())
+
+    def barrier(self, key: str, world_size: int, timeout: Timeout = None, *,
+                rank: Optional[int] = None) -> None:
+        """Block until ``world_size`` ranks called it with this (single-use) key.
+
+        With ``rank`` given, fastspawn's barrier runs in one C call and a
+        timeout names the ranks that did not arrive; without it, torch's.
+        """
+        if rank is None:
+            if timeout is None:
+                return super().barrier(key, world_size)
+            return super().barrier(key, world_size, _as_timedelta(timeout))
+        self._client.barrier(key, world_size, rank, self._t(timeout))
+
+    def set_timeout(self, timeout: Timeout) -> None:
+        super().set_timeout(_as_timedelta(timeout))
+
+    def has_extended_api(self) -> bool:
+        return True  # append, multi_get and multi_set are native
+
+    def clone(self) -> "Store":
+        """A new connection to the same store (for use from another thread)."""
+        return Store(self._host, self._port, self._token, self.timeout)
+
+    def close(self) -> None:
+        """Close the connection; calls blocked in other threads raise ConnectionError."""
+        self._client.close()
+
+    # torch's C++ side looks these up by their C++ names (PythonStore trampoline).
+    getNumKeys = num_keys
+    deleteKey = delete_key
+
+
+def _reconnect(host: str, port: int, token: str, timeout: timedelta) -> Store:
+    return Store(host, port, token, timeout)
+
+
+class StoreServer:
+    """The store server: a C thread serving keys until :meth:`shutdown`.
+
+    ``StoreServer()`` binds 127.0.0.1 on a free port with a fresh random
+    token. ``host=""`` binds every address (for other machines); ``unix_path``
+    ``"@"`` also listens on an abstract Unix socket. Use as a context manager::
+
+        with StoreServer() as server:
+            os.environ.update(server.env())
+            store = server.client()
+    """
+
+    def __init__(
+        self,
+        host: Optional[str] = None,
+        port: Optional[int] = 0,
+        token: Optional[str] = None,
+        *,
+        unix_path: Optional[str] = None,
+        max_value_size: Optional[int] = None,
+        auth_timeout: float = 0.0,
+        start: bool = True,
+    ) -> None:
+        self._srv = _C.StoreServer()
+        self._args = dict(host=host, port=port or 0, token=token, unix_path=unix_path,
+                          max_value_size=max_value_size or 0, auth_timeout=auth_timeout)
+        if start:
+            self.start()
+
+    def start(self) -> Tuple[str, int]:
+        """Start serving; returns the bound (host, port)."""
+        return self._srv.start(**self._args)
+
+    def shutdown(self) -> None:
+        """Stop the thread and close every connection (clients get ConnectionError)."""
+        self._srv.shutdown()
+
+    def __enter__(self) -> "StoreServer":
+        if not self._srv.running:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    @property
+    def host(self) -> str:
+        return self._srv.host
+
+    @property
+    def port(self) -> int:
+        return self._srv.port
+
+    @property
+    def token(self) -> str:
+        return self._srv.token
+
+    @property
+    def unix_path(self) -> Optional[str]:
+        return self._srv.unix_path
+
+    @property
+    def running(self) -> bool:
+        return self._srv.running
+
+    @property
+    def num_clients(self) -> int:
+        return self._srv.num_clients
+
+    @property
+    def addr(self) -> str:
+        """The TCP address as FASTSPAWN_STORE_ADDR spells it."""
+        return format_addr(self.host, self.port)
+
+    @property
+    def unix_addr(self) -> Optional[str]:
+        """The Unix socket as FASTSPAWN_STORE_ADDR spells it ("unix:@name"), or None."""
+        p = self.unix_path
+        return None if p is None else "unix:" + p
+
+    def env(self, *, prefer_unix: bool = False) -> Dict[str, str]:
+        """The variables :meth:`Store.from_env` reads."""
+        addr = self.unix_addr if prefer_unix and self.unix_path else self.addr
+        return {ENV_ADDR: addr, ENV_TOKEN: self.token}
+
+    def client(self, timeout: Timeout = DEFAULT_TIMEOUT, *, prefer_unix: bool = False) -> Store:
+        """A :class:`Store` connected to this server."""
+        if prefer_unix and self.unix_path:
+            return Store(self.unix_addr, 0, self.token, timeout)
+        return Store(self.host, self.port, self.token, timeout)
+
+    def __repr__(self) -> str:
+        state = f"{self.addr}" if self.running else "stopped"
+        return f"fastspawn.store.StoreServer({state})"
