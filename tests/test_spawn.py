@@ -107,6 +107,7 @@ def test_kwargs_and_env(method, no_leaks):
     envs = fastspawn.spawn(env_of, nprocs=2, start_method=method)
     assert envs == [{"RANK": str(i), "LOCAL_RANK": str(i), "WORLD_SIZE": "2",
                      "LOCAL_WORLD_SIZE": "2"} for i in range(2)]
+    assert "RANK" not in os.environ  # the launcher's own environment is untouched
 
 
 def test_start_processes_matches_torch_signature(no_leaks):

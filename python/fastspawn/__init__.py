@@ -19,7 +19,9 @@ from ._errors import (ArgumentPicklingError, ProcessException,  # noqa: F401
                       ProcessExitedException, ProcessRaisedException, RankFailure)
 from ._launch import (DEFAULT_START_METHOD, START_METHODS, ProcessContext,  # noqa: F401
                       RankProcess, fork_safety_issues, spawn, start_processes, start_zygote)
+from ._rendezvous import default_backend, init_process_group  # noqa: F401
 from ._zygote import ZygoteError  # noqa: F401
+from .store import Store, StoreServer, StoreTimeoutError  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -39,5 +41,6 @@ __all__ = list(_torch_mp.__all__) + [
     "spawn", "start_processes", "ProcessContext", "RankProcess", "ProcessException",
     "ProcessRaisedException", "ProcessExitedException", "ArgumentPicklingError",
     "RankFailure", "ZygoteError", "start_zygote", "fork_safety_issues", "get_context",
-    "START_METHODS", "DEFAULT_START_METHOD",
+    "START_METHODS", "DEFAULT_START_METHOD", "init_process_group", "default_backend", "Store",
+    "StoreServer", "StoreTimeoutError",
 ]

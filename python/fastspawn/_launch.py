@@ -20,7 +20,7 @@ import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-from . import _C, _child, _pickle, _zygote
+from . import _C, _child, _pickle, _rendezvous, _zygote
 from ._errors import (OOM_HINT, ProcessExitedException, ProcessRaisedException,
                       RankFailure)
 
@@ -143,12 +143,6 @@ def _validate(fn: Any, args: Any, nprocs: Any, kwargs: Any, daemon: Any) -> tupl
     return tuple(args), dict(kwargs or {})
 
 
-def rank_environment(index: int, nprocs: int) -> Dict[str, str]:
-    """Environment variables a rank gets (torchrun's names)."""
-    return {"RANK": str(index), "LOCAL_RANK": str(index), "WORLD_SIZE": str(nprocs),
-            "LOCAL_WORLD_SIZE": str(nprocs)}
-
-
 # ------------------------------------------------------------------ processes
 
 
@@ -214,9 +208,16 @@ class ProcessContext:
         self._error: Optional[BaseException] = None
         self._closed = False
         self._orphaned = False
+        self._rendezvous: Optional[_rendezvous.Rendezvous] = None
         _live_contexts.add(self)
 
     # --- torch's API -------------------------------------------------
+    @property
+    def store_addr(self) -> Optional[str]:
+        """Where the ranks' store listens ("host:port"), while the ranks run."""
+        r = self._rendezvous
+        return None if r is None else r.store_addr
+
     def pids(self) -> List[int]:
         return [int(p.pid) for p in self.processes]
 
@@ -414,6 +415,9 @@ class ProcessContext:
                 _guardian_unwatch(pid)
         self._closed = True
         self._group.close()
+        if self._rendezvous is not None:
+            self._rendezvous.close()  # the store outlived every rank; now it may go
+            self._rendezvous = None
         _live_contexts.discard(self)
 
     def __del__(self) -> None:
@@ -571,25 +575,44 @@ def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool
 def start_processes(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: int = 1,
                     join: bool = True, daemon: bool = False,
                     start_method: str = DEFAULT_START_METHOD, *,
-                    kwargs: Optional[Dict[str, Any]] = None) -> Any:
+                    kwargs: Optional[Dict[str, Any]] = None, nnodes: Optional[int] = None,
+                    node_rank: Optional[int] = None, master_addr: Optional[str] = None,
+                    master_port: Optional[int] = None, store_token: Optional[str] = None,
+                    rdzv_timeout: Optional[float] = None) -> Any:
     """Start ``nprocs`` processes running ``fn(i, *args, **kwargs)``.
 
     Returns the list of each rank's return value when ``join`` is True, else a
     :class:`ProcessContext`. ``start_method``: ``"auto"`` (default: fork when
     this process is fork-safe, else the zygote), ``"fork"``, ``"zygote"``,
     ``"spawn"`` or ``"forkserver"``.
+
+    The launcher hosts the ranks' rendezvous store; ``fastspawn.init_process_group()``
+    in a rank needs no arguments. For several nodes, run one launcher per node:
+    ``nnodes``/``node_rank``/``master_addr``/``master_port`` come from these
+    arguments or from SLURM, OpenMPI, PMI or torchrun's environment, and
+    ``store_token`` (or FASTSPAWN_JOB_TOKEN) must be the same on every node.
+    The rank index ``i`` passed to ``fn`` is the local rank; RANK in the
+    environment is ``node_rank * nprocs + i``.
     """
     args, kwargs = _validate(fn, args, nprocs, kwargs, daemon)
     if not isinstance(join, bool):
         raise TypeError(f"join must be a bool, got {type(join).__name__}")
+    _check_seconds(rdzv_timeout, "rdzv_timeout")
     method = _resolve_start_method(start_method)
-    envs = [rank_environment(i, nprocs) for i in range(nprocs)]
-    if method == "fork":
-        ctx = _start_forked(fn, args, kwargs, nprocs, daemon, envs)
-    elif method == "zygote":
-        ctx = _start_zygote(fn, args, kwargs, nprocs, daemon, envs)
-    else:
-        ctx = _start_mp(fn, args, kwargs, nprocs, daemon, envs, method)
+    placement = _rendezvous.detect_placement(nnodes, node_rank, master_addr, master_port)
+    rdzv = _rendezvous.Rendezvous(nprocs, placement, store_token, rdzv_timeout)
+    envs = [rdzv.rank_environment(i) for i in range(nprocs)]
+    try:
+        if method == "fork":
+            ctx = _start_forked(fn, args, kwargs, nprocs, daemon, envs)
+        elif method == "zygote":
+            ctx = _start_zygote(fn, args, kwargs, nprocs, daemon, envs)
+        else:
+            ctx = _start_mp(fn, args, kwargs, nprocs, daemon, envs, method)
+    except BaseException:
+        rdzv.close()
+        raise
+    ctx._rendezvous = rdzv
     if not join:
         return ctx
     while not ctx.join():
@@ -598,13 +621,13 @@ def start_processes(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: in
 
 
 def spawn(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: int = 1, join: bool = True,
-          daemon: bool = False, start_method: str = DEFAULT_START_METHOD, *,
-          kwargs: Optional[Dict[str, Any]] = None) -> Any:
+          daemon: bool = False, start_method: str = DEFAULT_START_METHOD, **options: Any) -> Any:
     """Drop-in for ``torch.multiprocessing.spawn``: run ``fn(i, *args)`` in
     ``nprocs`` processes. Unlike torch's, any start method is accepted (default
     ``"auto"``), ``kwargs`` are passed on, and when ``join`` is True the list of
-    return values is returned (torch returns None)."""
-    return start_processes(fn, args, nprocs, join, daemon, start_method, kwargs=kwargs)
+    return values is returned (torch returns None). Keyword options are those
+    of :func:`start_processes`."""
+    return start_processes(fn, args, nprocs, join, daemon, start_method, **options)
 
 
 def start_zygote() -> None:
