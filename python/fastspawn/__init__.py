@@ -15,6 +15,7 @@ import torch.multiprocessing as _torch_mp
 from torch.multiprocessing import *  # noqa: F401,F403 - the drop-in namespace
 
 from . import _C  # noqa: F401 - fail early if the extension is missing
+from . import backend  # noqa: F401 - registers the "fastspawn" torch.distributed backend
 from ._errors import (ArgumentPicklingError, ProcessException,  # noqa: F401
                       ProcessExitedException, ProcessRaisedException, RankFailure)
 from ._launch import (DEFAULT_START_METHOD, START_METHODS, ProcessContext,  # noqa: F401
