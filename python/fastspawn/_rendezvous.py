@@ -217,12 +217,21 @@ class Rendezvous:
                 raise TimeoutError(f"node {p.node_rank}: nodes {missing} did not check in "
                                    f"within {self.timeout:g} s") from None
             sizes = [int(v.split()[0]) for v in (x.decode() for x in client.multi_get(keys))]
+            if self.torch_store is None:
+                self.torch_port = int(client.get("fastspawn/torch_store_port"))
+            # Node 0 keeps its store up until every node has read what it needs,
+            # so each node reports the same verdict rather than a lost connection.
+            client.set(f"fastspawn/checked/{p.node_rank}", "1")
+            if p.node_rank == 0:
+                try:
+                    client.wait([f"fastspawn/checked/{r}" for r in range(p.nnodes)],
+                                datetime.timedelta(seconds=min(self.timeout, 30.0)))
+                except TimeoutError:
+                    pass  # a node died after checking in; its ranks never start
             if len(set(sizes)) != 1:
                 per_node = ", ".join(f"node {r}: {n}" for r, n in enumerate(sizes))
                 raise ValueError(f"every node must start the same number of ranks (nprocs); "
                                  f"got {per_node}")
-            if self.torch_store is None:
-                self.torch_port = int(client.get("fastspawn/torch_store_port"))
         finally:
             client.close()
 
