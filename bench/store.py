@@ -110,8 +110,10 @@ def main():
     text = table(run(a.iters, a.rounds), a.iters, a.rounds)
     print(text)
     if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(text + "\n")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from spawn import _write_section
+
+        _write_section(a.out, "store", "### Store latency (`bench/store.py`)\n\n" + text + "\n")
 
 
 if __name__ == "__main__":
