@@ -211,6 +211,9 @@ static size_t chunk_elems(const struct run *r, size_t per)
     return m > 0 ? m : 1;
 }
 
+/* Elements per cache-sized block when a reduction also publishes its result. */
+#define SUB_ELEMS(esz) (((size_t)64 << 10) / (esz))
+
 /* Start of part p of m elements split in `parts`, on 64-byte boundaries where possible. */
 static size_t part_start(size_t m, int p, int parts, size_t esz)
 {
@@ -273,18 +276,23 @@ static int do_allreduce(struct run *r, int root)
         if ((rc = step_begin(r, &kb)) != FS_OK) /* free at once: all posted k */
             return rc;
         unsigned char *res = AT(fs_shm_buf(c, me, kb), ps);
-        if (pe > ps) {
+        /* Reduce into my output (or straight into the buffer when I get no output) in
+         * blocks small enough to copy to the buffer while they are still in cache. */
+        for (size_t s = ps; s < pe; s += SUB_ELEMS(esz)) {
+            size_t len = pe - s < SUB_ELEMS(esz) ? pe - s : SUB_ELEMS(esz);
+            unsigned char *dst = gets_result ? AT(a->recv, off + s) : AT(res, s - ps);
             for (int q = 0; q < N; q++)
-                c->ins[q] = q == me ? CAT(a->send, off + ps) : CAT(fs_shm_buf(c, q, k), ps);
-            if ((rc = fs_reduce(res, c->ins, N, pe - ps, a->dtype, a->op, r->err)) != FS_OK)
+                c->ins[q] = q == me ? CAT(a->send, off + s) : CAT(fs_shm_buf(c, q, k), s);
+            if ((rc = fs_reduce(dst, c->ins, N, len, a->dtype, a->op, r->err)) != FS_OK)
                 return rc;
+            if (gets_result)
+                memcpy(AT(res, s - ps), dst, len * esz);
         }
         /* Step B: publish my reduced part; collect everyone's. */
         if ((rc = step_post(r, kb)) != FS_OK)
             return rc;
         if (!gets_result)
             continue;
-        copy(AT(a->recv, off + ps), res, (pe - ps) * esz);
         if ((rc = fs_shm_wait_all(c, kb, r->deadline, r->err)) != FS_OK)
             return rc;
         for (int q = 0; q < N; q++) {

@@ -413,7 +413,8 @@ typedef struct fs_comm_opts {
     int64_t connect_timeout_ms; /* fs_comm_create; <= 0: 60 s */
     size_t slot_bytes;          /* shared buffer per rank (two halves); 0: default */
     size_t oneshot_max;         /* one-shot all_reduce up to this many bytes; 0: default */
-    int64_t spin_ns;            /* spin before sleeping; < 0: automatic (cores vs ranks) */
+    int64_t spin_ns;            /* spin with pause first; < 0: automatic (cores vs ranks) */
+    int64_t yield_ns;           /* then poll with sched_yield before sleeping; < 0: automatic */
     int64_t liveness_ms;        /* how often a sleeping waiter checks peers; <= 0: 100 */
     int no_worker;              /* 1: no worker thread (fs_comm_submit is refused) */
 } fs_comm_opts_t;

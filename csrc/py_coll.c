@@ -47,16 +47,17 @@ static int seconds_to_ms(PyObject *obj, int64_t *out)
 static PyObject *Comm_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {
-        "name",       "rank",        "world_size", "timeout", "connect_timeout",
-        "slot_bytes", "oneshot_max", "spin_ns",    "worker",  NULL};
+        "name",       "rank",        "world_size", "timeout",  "connect_timeout",
+        "slot_bytes", "oneshot_max", "spin_ns",    "yield_ns", "worker",
+        NULL};
     const char *name;
     int rank, world, worker = 1;
     PyObject *timeout = Py_None, *connect_timeout = Py_None;
     Py_ssize_t slot_bytes = 0, oneshot_max = 0;
-    long long spin_ns = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sii|$OOnnLp", kwlist, &name, &rank, &world,
+    long long spin_ns = -1, yield_ns = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sii|$OOnnLLp", kwlist, &name, &rank, &world,
                                      &timeout, &connect_timeout, &slot_bytes, &oneshot_max,
-                                     &spin_ns, &worker))
+                                     &spin_ns, &yield_ns, &worker))
         return NULL;
     if (slot_bytes < 0 || oneshot_max < 0) {
         PyErr_SetString(PyExc_ValueError, "slot_bytes and oneshot_max must be >= 0");
@@ -70,6 +71,7 @@ static PyObject *Comm_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     opts.slot_bytes = (size_t)slot_bytes;
     opts.oneshot_max = (size_t)oneshot_max;
     opts.spin_ns = spin_ns;
+    opts.yield_ns = yield_ns;
     opts.no_worker = !worker;
     CommObject *self = (CommObject *)type->tp_alloc(type, 0);
     if (self == NULL)
@@ -300,7 +302,8 @@ static PyTypeObject CommType = {
     .tp_dealloc = (destructor)Comm_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Comm(name, rank, world_size, *, timeout=None, connect_timeout=None, "
-              "slot_bytes=0, oneshot_max=0, spin_ns=-1, worker=True): a shared-memory "
+              "slot_bytes=0, oneshot_max=0, spin_ns=-1, yield_ns=-1, worker=True): a "
+              "shared-memory "
               "communicator of the ranks of one machine (rank 0 creates the segment `name`, "
               "from comm_make_name()).",
     .tp_methods = Comm_methods,

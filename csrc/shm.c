@@ -25,14 +25,28 @@
 
 #define DEFAULT_TIMEOUT_MS (30LL * 60 * 1000)
 #define DEFAULT_CONNECT_TIMEOUT_MS 60000LL
-#define DEFAULT_SLOT_BYTES ((size_t)8 << 20)
-#define DEFAULT_ONESHOT_MAX ((size_t)64 << 10)
+/* Measured on a 2-core VM (bench/allreduce.py): 4 MiB slots (2 MiB chunks) while every
+ * rank has a core, smaller steps when ranks share cores; one-shot all_reduce pays while
+ * reading N inputs costs less than a second step: up to 1 MiB for 2 ranks, a quarter of
+ * that per extra rank, at least 16 KiB. */
+#define SLOT_BYTES_ENOUGH_CORES ((size_t)4 << 20)
+#define SLOT_BYTES_OVERSUBSCRIBED ((size_t)2 << 20)
+#define ONESHOT_MAX_2_RANKS ((size_t)1 << 20)
+#define ONESHOT_MAX_MIN ((size_t)16 << 10)
 #define MIN_SLOT_BYTES ((size_t)2 * FS_SHM_ALIGN)
 #define MAX_WORLD 4096
 #define DEFAULT_LIVENESS_MS 100
-/* Spinning pays while every rank has a core; with more ranks than cores it steals them. */
-#define SPIN_NS_ENOUGH_CORES 50000
-#define SPIN_NS_OVERSUBSCRIBED 2000
+/*
+ * Waiting: spin with pause (cheapest wake-up, but it holds the core), then poll with
+ * sched_yield (other runnable threads - a co-located rank, the rank's own training
+ * thread - get the core at once), then sleep on the futex. Sleeping is the last resort:
+ * waking an idle (virtual) CPU can take longer than a whole small collective, and two
+ * ranks that both sleep keep missing each other.
+ */
+#define SPIN_NS_ENOUGH_CORES 2000
+#define SPIN_NS_OVERSUBSCRIBED 0
+#define YIELD_NS_ENOUGH_CORES 1000000
+#define YIELD_NS_OVERSUBSCRIBED 100000
 
 void fs_comm_opts_init(fs_comm_opts_t *opts)
 {
@@ -40,6 +54,7 @@ void fs_comm_opts_init(fs_comm_opts_t *opts)
     opts->timeout_ms = DEFAULT_TIMEOUT_MS;
     opts->connect_timeout_ms = DEFAULT_CONNECT_TIMEOUT_MS;
     opts->spin_ns = -1;
+    opts->yield_ns = -1;
     opts->liveness_ms = DEFAULT_LIVENESS_MS;
 }
 
@@ -294,17 +309,19 @@ int fs_shm_wait(fs_comm_t *c, int q, uint64_t step, int64_t deadline, fs_error_t
     struct fs_rank_line *l = &c->lines[q];
     if (atomic_load_explicit(&l->seq, memory_order_acquire) >= step)
         return FS_OK;
-    if (c->spin_ns > 0) {
-        int64_t t0 = now_ns();
+    if (c->spin_ns > 0 || c->yield_ns > 0) {
+        int64_t t0 = now_ns(), spin_end = t0 + c->spin_ns, yield_end = spin_end + c->yield_ns;
         for (unsigned i = 1;; i++) {
             cpu_relax();
             if (atomic_load_explicit(&l->seq, memory_order_acquire) >= step)
                 return FS_OK;
-            if ((i & 63) == 0) {
-                if (now_ns() - t0 >= c->spin_ns)
+            if ((i & 63) == 0 || i > 4096) {
+                int64_t t = now_ns();
+                if (t >= yield_end ||
+                    atomic_load_explicit(&c->hdr->abort_word, memory_order_relaxed))
                     break;
-                if (atomic_load_explicit(&c->hdr->abort_word, memory_order_relaxed))
-                    break;
+                if (t >= spin_end)
+                    (void)sched_yield(); /* cannot fail on Linux */
             }
         }
     }
@@ -623,7 +640,10 @@ int fs_comm_create(const char *name, int rank, int world_size, const fs_comm_opt
         c->opts.connect_timeout_ms = DEFAULT_CONNECT_TIMEOUT_MS;
     if (c->opts.liveness_ms <= 0)
         c->opts.liveness_ms = DEFAULT_LIVENESS_MS;
-    size_t slot = c->opts.slot_bytes ? c->opts.slot_bytes : DEFAULT_SLOT_BYTES;
+    int enough_cores = world_size <= cpu_count();
+    size_t slot = c->opts.slot_bytes ? c->opts.slot_bytes
+                  : enough_cores     ? SLOT_BYTES_ENOUGH_CORES
+                                     : SLOT_BYTES_OVERSUBSCRIBED;
     if (slot < MIN_SLOT_BYTES)
         slot = MIN_SLOT_BYTES;
     if (slot < (size_t)world_size * 1024) /* >= 64 float64 per rank and half-buffer */
@@ -634,8 +654,12 @@ int fs_comm_create(const char *name, int rank, int world_size, const fs_comm_opt
     }
     c->slot_bytes = round_up(slot, (size_t)2 * FS_SHM_ALIGN);
     c->buf_bytes = c->slot_bytes / 2;
-    if (c->opts.oneshot_max == 0)
-        c->opts.oneshot_max = DEFAULT_ONESHOT_MAX;
+    if (c->opts.oneshot_max == 0) {
+        int shift = world_size <= 2 ? 0 : 2 * (world_size - 2);
+        c->opts.oneshot_max = shift >= 20 ? 0 : ONESHOT_MAX_2_RANKS >> shift;
+        if (c->opts.oneshot_max < ONESHOT_MAX_MIN)
+            c->opts.oneshot_max = ONESHOT_MAX_MIN;
+    }
     c->rank = rank;
     c->world = world_size;
     snprintf(c->name, sizeof c->name, "%s", name);
@@ -679,10 +703,12 @@ int fs_comm_create(const char *name, int rank, int world_size, const fs_comm_opt
 
     int rc = map_and_join(c, err);
     if (rc == FS_OK) {
-        if (c->opts.spin_ns >= 0)
-            c->spin_ns = c->opts.spin_ns;
-        else
-            c->spin_ns = world_size <= cpu_count() ? SPIN_NS_ENOUGH_CORES : SPIN_NS_OVERSUBSCRIBED;
+        c->spin_ns = c->opts.spin_ns >= 0 ? c->opts.spin_ns
+                     : enough_cores       ? SPIN_NS_ENOUGH_CORES
+                                          : SPIN_NS_OVERSUBSCRIBED;
+        c->yield_ns = c->opts.yield_ns >= 0 ? c->opts.yield_ns
+                      : enough_cores        ? YIELD_NS_ENOUGH_CORES
+                                            : YIELD_NS_OVERSUBSCRIBED;
         if (!c->opts.no_worker)
             rc = fs_coll_worker_start(c, err);
     }

@@ -65,6 +65,16 @@ _OPS = {
 
 _BackendError = getattr(dist, "DistBackendError", RuntimeError)
 
+# ReduceOp.RedOpType -> op code, for the fast lookup in _reduce_op.
+_OP_BY_TYPE = {}
+for _name, _code in _OPS.items():
+    _red = getattr(getattr(dist.ReduceOp, "RedOpType", dist.ReduceOp), _name, None)
+    if _red is not None:
+        _OP_BY_TYPE[_red] = _code
+# (dtype, op code) pairs the C kernels implement.
+_SUPPORTED = {(dt, op) for dt, code in _DTYPES.items() for op in _OPS.values()
+              if _C.reduce_supported(code, op)}
+
 
 def _wrap_error(exc: BaseException) -> BaseException:
     """C errors (RuntimeError, TimeoutError) as torch's DistBackendError."""
@@ -86,6 +96,8 @@ def _seconds(timeout) -> float | None:
 
 
 def _check_cpu(t: torch.Tensor, what: str) -> None:
+    if type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided:
+        return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fastspawn: {what} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
@@ -101,6 +113,9 @@ def _check_cpu(t: torch.Tensor, what: str) -> None:
 def _reduce_op(opts) -> int:
     op = opts.reduceOp
     kind = getattr(op, "op", op)  # ReduceOp -> RedOpType (older torch: the enum itself)
+    code = _OP_BY_TYPE.get(kind)
+    if code is not None:
+        return code
     name = getattr(kind, "name", None) or str(kind).rsplit(".", 1)[-1]
     if name not in _OPS:
         raise ValueError(f"fastspawn: reduce op {name} is not supported")
@@ -114,6 +129,8 @@ def _reduce_dtype(t: torch.Tensor, op: int) -> tuple[torch.Tensor, int]:
             raise ValueError("fastspawn: complex tensors support only SUM and AVG")
         t = torch.view_as_real(t)
     code = _DTYPES.get(t.dtype)
+    if (t.dtype, op) in _SUPPORTED:
+        return t, code
     if code is None:
         raise TypeError(
             f"fastspawn: reductions do not support {t.dtype}; supported: "
@@ -151,6 +168,9 @@ class _Finish:
             self.copy(t, buf)
         return buf
 
+    def __bool__(self) -> bool:
+        return bool(self.copies)
+
     def __call__(self) -> None:
         for dst, src in self.copies:
             dst.copy_(src.view(dst.dtype).reshape(dst.shape) if src.dtype != dst.dtype else src)
@@ -158,23 +178,23 @@ class _Finish:
 
 
 class Work(dist._Work):
-    """A fastspawn collective in flight: wait() blocks (without the GIL), get_future()
-    returns a torch Future completed by the completion thread."""
+    """A fastspawn collective: wait() blocks (without the GIL) until it completed;
+    get_future() returns a torch Future, completed by the completion thread."""
 
-    def __init__(self, engine: "_Engine", result, finish=None, keep=()):
+    def __init__(self, engine: "_Engine", result, ticket=0, finish=None, keep=(), done=False,
+                 exc=None):
         super().__init__()
         self._engine = engine
-        self._ticket = 0
+        self._ticket = ticket
         self._result = result
         self._finish = finish
         self._keep = keep  # buffers the C side reads or writes until completion
-        self._fut = torch.futures.Future()
-        self._lock = threading.RLock()
-        self._done = False
-        self._exc = None
+        self._done = done
+        self._exc = exc
+        self._fut = None  # made on demand: most synchronous calls never ask for it
 
     def _complete(self, exc: BaseException | None) -> None:
-        with self._lock:
+        with self._engine.work_lock:
             if self._done:
                 return
             if exc is None and self._finish is not None:
@@ -186,10 +206,14 @@ class Work(dist._Work):
             self._keep = ()
             self._exc = exc
             self._done = True
-            if exc is None:
-                self._fut.set_result(self._result)
-            else:
-                self._fut.set_exception(exc)
+            if self._fut is not None:
+                self._settle(self._fut)
+
+    def _settle(self, fut) -> None:
+        if self._exc is None:
+            fut.set_result(self._result)
+        else:
+            fut.set_exception(self._exc)
 
     def wait(self, timeout=None) -> bool:
         if not self._done:
@@ -211,7 +235,12 @@ class Work(dist._Work):
         return True
 
     def get_future(self):
-        return self._fut
+        with self._engine.work_lock:
+            if self._fut is None:
+                self._fut = torch.futures.Future()
+                if self._done:
+                    self._settle(self._fut)
+            return self._fut
 
     def is_completed(self) -> bool:
         if not self._done and not self._engine.comm.closed:
@@ -236,9 +265,7 @@ class Work(dist._Work):
 
 
 def _done_work(engine, result, exc=None) -> Work:
-    w = Work(engine, result)
-    w._complete(exc)
-    return w
+    return Work(engine, result, done=True, exc=exc)
 
 
 class _Engine:
@@ -247,26 +274,27 @@ class _Engine:
     def __init__(self, comm):
         self.comm = comm
         self.lock = threading.Lock()
+        self.work_lock = threading.RLock()  # completes Works (re-entered by future callbacks)
         self.works: dict[int, Work] = {}
         self.thread: threading.Thread | None = None
         self.closing = False
-
-    def idle(self) -> bool:
-        return not self.works
+        # Returned by every successful synchronous call (asyncOp=False): torch only
+        # wait()s on those, and a Work object costs more than a small collective.
+        self.sync_done = Work(self, [], done=True)
 
     def launch(self, args, result, finish=None, keep=(), sync=False, nbytes=0) -> Work:
         """Run one collective: inline (sync, or small with nothing queued) or queued."""
         if self.closing or self.comm.closed:
             raise _BackendError("fastspawn: the process group was shut down")
-        if sync or (nbytes <= INLINE_BYTES and self.idle()):
+        if sync or (nbytes <= INLINE_BYTES and not self.works):
             try:
                 self.comm.run(*args)
+                if finish is not None:
+                    finish()
             except Exception as e:  # noqa: BLE001 - reported through the Work
                 return _done_work(self, result, _wrap_error(e))
-            work = Work(self, result, finish)
-            work._complete(None)
-            return work
-        work = Work(self, result, finish, keep)
+            return self.sync_done if sync else Work(self, result, done=True)
+        work = Work(self, result, finish=finish, keep=keep)
         with self.lock:
             work._ticket = self.comm.submit(*args)
             self.works[work._ticket] = work
@@ -381,7 +409,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         sync = opts is not None and getattr(opts, "asyncOp", True) is False
         args = (kind, dtype, op, root, send.data_ptr() if send is not None else 0,
                 recv.data_ptr() if recv is not None else 0, count)
-        return self._engine.launch(args, result, finish=finish, keep=keep, sync=sync,
+        return self._engine.launch(args, result, finish=finish or None, keep=keep, sync=sync,
                                    nbytes=nbytes)
 
     def _root(self, opts) -> int:
@@ -414,6 +442,13 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         opts = opts if opts is not None else dist.AllreduceOptions()
         t = self._single(tensors, "allreduce")
         op = _reduce_op(opts)
+        if (type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided
+                and t.is_contiguous() and (t.dtype, op) in _SUPPORTED):
+            # the common case, kept short: small collectives are mostly this overhead
+            ptr, n = t.data_ptr(), t.numel()
+            return self._engine.launch(
+                (_C.COLL_ALLREDUCE, _DTYPES[t.dtype], op, 0, ptr, ptr, n), tensors, keep=(t,),
+                sync=getattr(opts, "asyncOp", True) is False, nbytes=n * t.element_size())
         finish = _Finish()
         buf = finish.inout(t, "allreduce tensor")
         view, code = _reduce_dtype(buf, op)
