@@ -102,6 +102,7 @@ def run(args, backend: str, quiet: bool):
     rendezvous = os.path.join(os.environ.get("TMPDIR", "/tmp"),
                               f"fastspawn-ddp-{os.getpid()}-{backend}-{time.monotonic_ns()}")
     data = load_digits()  # once, in the launcher: the ranks inherit it
+    import torch._dynamo  # noqa: F401 - DDP imports it (~1 s); once here, not in every rank
     print(f"[{backend}] start method: {fastspawn._launch._resolve_start_method('auto')}")
     t0 = time.perf_counter()
     results = fastspawn.spawn(train, args=(args.nprocs, args.epochs, backend, rendezvous, quiet,
