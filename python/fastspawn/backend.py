@@ -40,6 +40,10 @@ BACKEND_NAME = "fastspawn"
 # Collectives up to this many bytes run in the calling thread when nothing is queued.
 INLINE_BYTES = int(os.environ.get("FASTSPAWN_INLINE_BYTES", str(256 << 10)))
 
+# Communicator knobs (fastspawn._C.Comm keywords) from the environment; unset: C defaults.
+_COMM_ENV = {"slot_bytes": "FASTSPAWN_SLOT_BYTES", "oneshot_max": "FASTSPAWN_ONESHOT_MAX",
+             "spin_ns": "FASTSPAWN_SPIN_NS", "yield_ns": "FASTSPAWN_YIELD_NS"}
+
 _DTYPES = {
     torch.float32: _C.DTYPE_FLOAT32,
     torch.float64: _C.DTYPE_FLOAT64,
@@ -375,6 +379,9 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         self._rank = rank
         self._world_size = world_size
         seconds = _seconds(timeout) or 1800.0
+        for key, env in _COMM_ENV.items():
+            if key not in comm_kw and os.environ.get(env):
+                comm_kw[key] = int(os.environ[env])
         name = _exchange_name(store, rank, world_size)
         comm = _C.Comm(name, rank, world_size, timeout=seconds, connect_timeout=seconds, **comm_kw)
         self._engine = _Engine(comm)
