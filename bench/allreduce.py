@@ -101,21 +101,23 @@ def rank_main(rank, world, path, sizes, trials, budget, queue):
         queue.put(rows)
 
 
-def run_world(world, sizes, trials, budget):
+def run_forked(target, world, *args):
+    """Fork `world` ranks running target(rank, world, store_path, *args, queue) and
+    return what rank 0 puts on the queue (shared with bench/ddp.py)."""
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=rank_main, args=(r, world, path, sizes, trials, budget, queue))
+        procs = [ctx.Process(target=target, args=(r, world, path) + args + (queue,))
                  for r in range(world)]
         for p in procs:
             p.start()
-        rows = queue.get(timeout=3600)
+        result = queue.get(timeout=3600)
         for p in procs:
             p.join(timeout=60)
             if p.is_alive():
                 p.kill()
-        return rows
+        return result
 
 
 def table_text(results, memcpy_bw, machine):
@@ -194,7 +196,7 @@ def main():
     print(f"memcpy, 1 thread: {memcpy_bw / 1e9:.2f} GB/s", flush=True)
     results = {}
     for world in (int(w) for w in args.worlds.split(",")):
-        results[world] = run_world(world, sizes, args.trials, args.budget)
+        results[world] = run_forked(rank_main, world, sizes, args.trials, args.budget)
     memcpy_bw = max(memcpy_bw, memcpy_bandwidth())
     import platform
 

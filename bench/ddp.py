@@ -13,10 +13,8 @@ final parameters of both backends are compared (they should be equal).
 With --out, writes its table as the "ddp" section of that results file.
 """
 import argparse
-import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from datetime import timedelta
 
@@ -114,19 +112,9 @@ def main():
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
 
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=rank_main, args=(r, args.world, path, args, queue))
-                 for r in range(args.world)]
-        for p in procs:
-            p.start()
-        rows = queue.get(timeout=3600)
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    from allreduce import run_forked
+
+    rows = run_forked(rank_main, args.world, args)
     lines = [
         "### DDP steps/s: fastspawn vs gloo (`bench/ddp.py`)",
         "",
