@@ -85,7 +85,7 @@ struct fs_comm {
     size_t slot_bytes, buf_bytes;
     pid_t *pids;
     int *pidfds; /* -1 where pidfd_open is missing */
-    int64_t spin_ns;
+    int64_t spin_ns, yield_ns;
 
     /* Run state, touched only by the thread holding exec_lock. */
     pthread_mutex_t exec_lock;
