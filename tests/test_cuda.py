@@ -1,9 +1,13 @@
 """GPU checks: run where CUDA is present (skipped cleanly elsewhere)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
 
 import fastspawn
+from conftest import PACKAGE_DIR
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,7 +34,7 @@ def plain_nccl_rank(i):
 
 def test_init_process_group_uses_nccl_for_cuda_and_sets_the_device():
     (backend, dev, gpu, cpu), = fastspawn.spawn(nccl_rank, nprocs=1, start_method="zygote")
-    assert "nccl" in backend and dev == 0
+    assert backend == "cpu:gloo,cuda:nccl" and dev == 0
     assert gpu == [1.0] * 4 and cpu == [1.0] * 4
 
 
@@ -39,10 +43,26 @@ def test_nccl_rendezvous_through_fastspawn_store():
 
 
 def test_parent_with_cuda_uses_the_zygote_and_refuses_fork():
-    torch.zeros(1, device="cuda")  # initialise CUDA in the launcher
-    assert torch.cuda.is_initialized()
-    assert fastspawn._launch._resolve_start_method("auto") == "zygote"
-    with pytest.raises(RuntimeError, match="CUDA is initialised"):
-        fastspawn.spawn(nccl_rank, nprocs=1, start_method="fork")
-    out = fastspawn.spawn(nccl_rank, nprocs=1)  # auto
-    assert out[0][2] == [1.0] * 4
+    # In a separate launcher: CUDA initialised in this test process would make
+    # every later fork test refuse to fork.
+    code = """
+import torch, fastspawn
+from fastspawn._launch import _resolve_start_method
+import tests_cuda_ranks as r
+torch.zeros(1, device="cuda")
+assert torch.cuda.is_initialized()
+assert _resolve_start_method("auto") == "zygote"
+try:
+    fastspawn.spawn(r.nccl_rank, nprocs=1, start_method="fork")
+    raise SystemExit("fork was not refused")
+except RuntimeError as e:
+    assert "CUDA is initialised" in str(e)
+out = fastspawn.spawn(r.nccl_rank, nprocs=1)
+assert out[0][2] == [1.0] * 4, out
+print("ok")
+"""
+    import os
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_DIR, os.path.dirname(__file__)]))
+    out = subprocess.run([sys.executable, "-c", code.replace("tests_cuda_ranks", "test_cuda")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

@@ -272,15 +272,23 @@ class Rendezvous:
 
 
 def default_backend() -> str:
-    """fastspawn's shared-memory backend for CPU where it is registered, NCCL
-    for CUDA ranks, gloo otherwise."""
+    """fastspawn's shared-memory backend on a machine without CUDA (gloo where it
+    is not registered); with CUDA, NCCL for CUDA tensors and gloo for CPU ones.
+
+    The fastspawn backend is a Python ProcessGroup, and torch hands such a group
+    every tensor whatever the device map says, so it cannot share a group with
+    NCCL yet; it becomes the CPU half there once it is a per-device Backend.
+    """
     import torch
     import torch.distributed as dist
 
-    has_fastspawn = "fastspawn" in getattr(dist.Backend, "backend_list", [])
     if torch.cuda.is_available():
-        return "cpu:fastspawn,cuda:nccl" if has_fastspawn else "cpu:gloo,cuda:nccl"
-    return "fastspawn" if has_fastspawn else "gloo"
+        return "cpu:gloo,cuda:nccl"
+    return "fastspawn" if "fastspawn" in getattr(dist.Backend, "backend_list", []) else "gloo"
+
+
+def _uses_cuda(backend: str) -> bool:
+    return any(word in backend.lower() for word in ("nccl", "cuda", "xccl"))
 
 
 def init_process_group(backend: Optional[str] = None,
@@ -288,8 +296,8 @@ def init_process_group(backend: Optional[str] = None,
     """Create the default process group inside a rank started by fastspawn.
 
     Rank, world size and store come from the launcher. ``backend`` defaults to
-    :func:`default_backend`. Where CUDA is present the rank's device is set to
-    ``LOCAL_RANK`` (modulo the device count) first. Other keyword arguments go
+    :func:`default_backend`. When the backend drives CUDA (NCCL), the rank's
+    device is set to ``LOCAL_RANK`` (modulo the device count) first. Other keyword arguments go
     to ``torch.distributed.init_process_group``.
     """
     import torch
@@ -306,10 +314,13 @@ def init_process_group(backend: Optional[str] = None,
         if name in kwargs:
             raise TypeError(f"init_process_group() got {name}=: fastspawn provides it")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+    backend = backend or default_backend()
+    # Only a group that drives GPUs touches CUDA: creating a CUDA context costs
+    # hundreds of milliseconds that a CPU-only group must not pay.
+    if _uses_cuda(backend) and torch.cuda.is_available() and torch.cuda.device_count() > 0:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     store = _store.Store.from_env(timeout)
-    dist.init_process_group(backend or default_backend(), store=store, rank=rank,
+    dist.init_process_group(backend, store=store, rank=rank,
                             world_size=world, **({"timeout": timeout} if timeout else {}),
                             **kwargs)
     return dist.group.WORLD

@@ -217,12 +217,15 @@ class Store(dist.Store):
         """Block until ``world_size`` ranks called it with this (single-use) key.
 
         With ``rank`` given, fastspawn's barrier runs in one C call and a
-        timeout names the ranks that did not arrive; without it, torch's.
+        timeout names the ranks that did not arrive; without it, the callers
+        count themselves in with ``add`` and wait for the last one's mark
+        (torch's own ``Store.barrier`` exists only in newer releases).
         """
         if rank is None:
-            if timeout is None:
-                return super().barrier(key, world_size)
-            return super().barrier(key, world_size, _as_timedelta(timeout))
+            if self.add(f"{key}/count", 1) == world_size:
+                self.set(f"{key}/done", b"1")
+            self.wait([f"{key}/done"], self.timeout if timeout is None else timeout)
+            return
         self._client.barrier(key, world_size, rank, self._t(timeout))
 
     def set_timeout(self, timeout: Timeout) -> None:
@@ -242,6 +245,7 @@ class Store(dist.Store):
     # torch's C++ side looks these up by their C++ names (PythonStore trampoline).
     getNumKeys = num_keys
     deleteKey = delete_key
+    compareSet = compare_set
 
 
 def _reconnect(host: str, port: int, token: str, timeout: timedelta) -> Store:
