@@ -583,6 +583,8 @@ static int enqueue(fs_comm_t *c, const fs_coll_args_t *a, uint64_t *ticket, fs_e
 
 int fs_comm_submit(fs_comm_t *c, const fs_coll_args_t *a, uint64_t *ticket, fs_error_t *err)
 {
+    if (fs_shm_forked(c))
+        return fs_shm_forked_error(c, err);
     int rc = fs_coll_validate(c, a, err);
     if (rc != FS_OK)
         return rc;
@@ -620,6 +622,8 @@ int fs_comm_wait(fs_comm_t *c, uint64_t t, int64_t timeout_ms, fs_error_t *err)
             until.tv_nsec -= 1000000000;
         }
     }
+    if (fs_shm_forked(c))
+        return fs_shm_forked_error(c, err);
     lock(&c->qlock);
     int rc = FS_OK;
     while (c->completed < t) {
@@ -650,6 +654,8 @@ int fs_comm_wait(fs_comm_t *c, uint64_t t, int64_t timeout_ms, fs_error_t *err)
 
 uint64_t fs_comm_completed(fs_comm_t *c)
 {
+    if (fs_shm_forked(c))
+        return 0;
     lock(&c->qlock);
     uint64_t done = c->completed;
     unlock(&c->qlock);
@@ -658,6 +664,8 @@ uint64_t fs_comm_completed(fs_comm_t *c)
 
 void fs_comm_shutdown_waiters(fs_comm_t *c)
 {
+    if (fs_shm_forked(c))
+        return;
     lock(&c->qlock);
     c->waiters_shutdown = 1;
     if (pthread_cond_broadcast(&c->done_cv) != 0)
@@ -667,6 +675,8 @@ void fs_comm_shutdown_waiters(fs_comm_t *c)
 
 int fs_comm_run(fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *err)
 {
+    if (fs_shm_forked(c))
+        return fs_shm_forked_error(c, err);
     int rc = fs_coll_validate(c, a, err);
     if (rc != FS_OK)
         return rc;

@@ -437,7 +437,9 @@ int fs_comm_create(const char *name, int rank, int world_size, const fs_comm_opt
 /*
  * Leave: queued collectives still run (each within its own deadline), then the
  * worker stops and the segment is unmapped. Peers that later wait for this
- * rank get FS_EPEER. NULL is a no-op.
+ * rank get FS_EPEER. NULL is a no-op. In a child forked after fs_comm_create
+ * the communicator cannot be used (calls fail with FS_EINVAL); destroying it
+ * there only frees the child's copy and leaves the parent's rank alone.
  */
 void fs_comm_destroy(fs_comm_t *comm);
 /* Abort: every pending and later collective here and on every peer fails. */

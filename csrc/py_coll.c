@@ -109,17 +109,18 @@ static void Comm_dealloc(CommObject *self)
 /* close(): wake waiters, let queued collectives finish, unmap. Idempotent. */
 static PyObject *Comm_close(CommObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->comm == NULL)
-        Py_RETURN_NONE;
-    fs_comm_shutdown_waiters(self->comm); /* only takes the queue lock */
-    /* Other threads still inside wait()/run() must leave before the memory goes. */
-    while (self->busy > 0 && self->comm != NULL) {
-        PyThreadState *ts = PyEval_SaveThread();
-        struct timespec pause = {0, 1000000};
-        (void)nanosleep(&pause, NULL); /* EINTR only shortens the pause */
-        PyEval_RestoreThread(ts);
+    fs_comm_t *c = self->comm;
+    if (c != NULL) {
+        fs_comm_shutdown_waiters(c); /* only takes the queue lock */
+        /* Other threads still inside wait()/run() must leave before the memory goes. */
+        while (self->busy > 0 && self->comm != NULL) {
+            PyThreadState *ts = PyEval_SaveThread();
+            struct timespec pause = {0, 1000000};
+            (void)nanosleep(&pause, NULL); /* EINTR only shortens the pause */
+            PyEval_RestoreThread(ts);
+        }
+        comm_close(self);
     }
-    comm_close(self);
     Py_RETURN_NONE;
 }
 

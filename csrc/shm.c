@@ -48,6 +48,35 @@
 #define YIELD_NS_ENOUGH_CORES 1000000
 #define YIELD_NS_OVERSUBSCRIBED 100000
 
+/* Bumped in every forked child (pthread_atfork), so a communicator can tell. */
+static _Atomic unsigned fork_generation;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void on_fork_child(void)
+{
+    atomic_fetch_add(&fork_generation, 1);
+}
+
+static void register_atfork(void)
+{
+    /* Fails only with ENOMEM; fs_comm_create then reports the fork guard as unavailable. */
+    if (pthread_atfork(NULL, NULL, on_fork_child) != 0)
+        atomic_store(&fork_generation, ~0u);
+}
+
+int fs_shm_forked(const fs_comm_t *c)
+{
+    return c->fork_gen != atomic_load(&fork_generation);
+}
+
+int fs_shm_forked_error(const fs_comm_t *c, fs_error_t *err)
+{
+    return fs_error_set(err, FS_EINVAL,
+                        "the communicator of rank %d was created in process %d; a forked child "
+                        "cannot use it (create one in the child instead)",
+                        c->rank, (int)c->pids[c->rank]);
+}
+
 void fs_comm_opts_init(fs_comm_opts_t *opts)
 {
     memset(opts, 0, sizeof *opts);
@@ -218,7 +247,7 @@ static int check_abort(fs_comm_t *c, fs_error_t *err)
 
 void fs_comm_abort(fs_comm_t *c, const char *reason)
 {
-    if (c == NULL)
+    if (c == NULL || fs_shm_forked(c)) /* a forked child must not abort its parent's */
         return;
     fs_error_t e;
     fs_error_set(&e, FS_EABORTED, "rank %d aborted the communicator: %s", c->rank,
@@ -233,6 +262,8 @@ int fs_comm_status(fs_comm_t *c, fs_error_t *why)
     if (why == NULL)
         why = &tmp;
     fs_error_clear(why);
+    if (fs_shm_forked(c))
+        return fs_shm_forked_error(c, why);
     if (atomic_load(&c->failed)) {
         if (pthread_mutex_lock(&c->fail_lock) == 0) {
             *why = c->fail_err;
@@ -627,9 +658,12 @@ int fs_comm_create(const char *name, int rank, int world_size, const fs_comm_opt
     if (rank < 0 || rank >= world_size)
         return fs_error_set(err, FS_EINVAL, "rank %d is not in 0..%d", rank, world_size - 1);
 
+    if (pthread_once(&atfork_once, register_atfork) != 0 || atomic_load(&fork_generation) == ~0u)
+        return fs_error_set(err, FS_ENOMEM, "pthread_atfork failed");
     fs_comm_t *c = calloc(1, sizeof *c);
     if (c == NULL)
         return fs_error_set(err, FS_ENOMEM, "out of memory");
+    c->fork_gen = atomic_load(&fork_generation);
     if (opts != NULL)
         c->opts = *opts;
     else
@@ -727,7 +761,9 @@ void fs_comm_destroy(fs_comm_t *c)
 {
     if (c == NULL)
         return;
-    fs_coll_worker_stop(c);
+    int forked = fs_shm_forked(c);
+    if (!forked)
+        fs_coll_worker_stop(c);
     if (c->lines != NULL) {
         struct fs_rank_line *me = &c->lines[c->rank];
         if (atomic_load(&me->state) == FS_RANK_JOINED && atomic_load(&me->pid) == getpid()) {
@@ -742,11 +778,13 @@ void fs_comm_destroy(fs_comm_t *c)
         if (c->pidfds[q] >= 0)
             (void)close(c->pidfds[q]); /* a pidfd has nothing to flush */
     }
-    (void)pthread_cond_destroy(&c->done_cv);
-    (void)pthread_cond_destroy(&c->q_cv);
-    (void)pthread_mutex_destroy(&c->qlock);
-    (void)pthread_mutex_destroy(&c->fail_lock);
-    (void)pthread_mutex_destroy(&c->exec_lock);
+    if (!forked) { /* in a forked child they may be held by threads that are gone */
+        (void)pthread_cond_destroy(&c->done_cv);
+        (void)pthread_cond_destroy(&c->q_cv);
+        (void)pthread_mutex_destroy(&c->qlock);
+        (void)pthread_mutex_destroy(&c->fail_lock);
+        (void)pthread_mutex_destroy(&c->exec_lock);
+    }
     free(c->queue);
     free(c->ins);
     free(c->pids);

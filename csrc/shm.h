@@ -86,6 +86,7 @@ struct fs_comm {
     pid_t *pids;
     int *pidfds; /* -1 where pidfd_open is missing */
     int64_t spin_ns, yield_ns;
+    unsigned fork_gen; /* fork generation of the creating process (see fs_shm_forked) */
 
     /* Run state, touched only by the thread holding exec_lock. */
     pthread_mutex_t exec_lock;
@@ -124,6 +125,11 @@ static inline struct fs_coll_hdr *fs_shm_hdr_of(fs_comm_t *c, int q, uint64_t st
 {
     return &c->lines[q].hdr[step & 1];
 }
+
+/* 1 in a child forked after the communicator was created: it has no worker thread and
+ * its locks may be held by threads that did not survive the fork. */
+int fs_shm_forked(const fs_comm_t *c);
+int fs_shm_forked_error(const fs_comm_t *c, fs_error_t *err);
 
 /* Post step `step` for this rank and wake peers sleeping on it. */
 void fs_shm_post(fs_comm_t *c, uint64_t step);

@@ -507,3 +507,40 @@ def test_ddp_matches_gloo(kw, accumulate):
     for same, close, _ in results:
         assert same, "parameters differ from DDP on gloo"
     assert results[0][2] == results[1][2]  # replicas stay bit-identical
+
+
+def _fork_in_rank(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.ones(4)
+    dist.all_reduce(t, async_op=True)  # the completion thread may be running
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # e.g. a DataLoader worker: the group is not usable here
+        os.close(r)
+        try:
+            dist.all_reduce(torch.ones(4))
+            msg = "no error"
+        except Exception as e:  # noqa: BLE001
+            msg = str(e)
+        os.write(w, msg.encode()[:500])
+        os.close(w)
+        import atexit
+
+        atexit._run_exitfuncs()  # as at exit: must not close the parent's communicator
+        os._exit(0)
+    os.close(w)
+    msg = os.read(r, 1000).decode()
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and "forked" in msg, (status, msg)
+    for _ in range(3):  # the parent's group still works, the peers noticed nothing
+        u = torch.ones(4)
+        dist.all_reduce(u)
+        assert u.tolist() == [float(world)] * 4
+    return True
+
+
+def test_forked_child_cannot_use_the_group():
+    assert run_ranks(_fork_in_rank, 2) == [True, True]

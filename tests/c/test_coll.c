@@ -1097,6 +1097,55 @@ FS_TEST(coll_more_ranks_than_cores)
         FS_CHECK_EQ(run_ranks(n, NULL, latency_rank, NULL), 0);
 }
 
+/* ------------------------------------------------------------------ */
+/* fork() after create                                                */
+/* ------------------------------------------------------------------ */
+
+static int fork_child_rank(fs_comm_t *c, int me, int N, void *arg)
+{
+    (void)arg;
+    fs_error_t err;
+    float x[4] = {1, 1, 1, 1};
+    if (me == 0) {
+        /* A child (think: a DataLoader worker) inherits the communicator but no worker
+         * thread: using it fails cleanly, destroying it leaves the parent's rank alone. */
+        fs_coll_args_t a = {.kind = FS_COLL_ALLREDUCE,
+                            .dtype = FS_FLOAT32,
+                            .op = FS_SUM,
+                            .send = x,
+                            .recv = x,
+                            .count = 4};
+        uint64_t t = 0;
+        FS_CHECK_OK(fs_comm_submit(c, &a, &t, &err), &err);
+        fflush(NULL);
+        pid_t p = fork();
+        if (p == 0) {
+            int ok = fs_allreduce(c, x, x, 4, FS_FLOAT32, FS_SUM, &err) == FS_EINVAL &&
+                     strstr(err.msg, "forked") != NULL &&
+                     fs_comm_submit(c, &a, &t, &err) == FS_EINVAL &&
+                     fs_comm_status(c, NULL) == FS_EINVAL;
+            fs_comm_abort(c, "a child must not be able to do this");
+            fs_comm_destroy(c);
+            _exit(ok ? 0 : 1);
+        }
+        int st = 0;
+        FS_CHECK(waitpid(p, &st, 0) == p && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+        FS_CHECK_OK(fs_comm_wait(c, t, 10000, &err), &err);
+    } else {
+        FS_CHECK_OK(fs_allreduce(c, x, x, 4, FS_FLOAT32, FS_SUM, &err), &err);
+    }
+    /* the parent's communicator still works, and nobody was told rank 0 left */
+    for (int i = 0; i < 3; i++)
+        FS_CHECK_OK(fs_allreduce(c, x, x, 4, FS_FLOAT32, FS_SUM, &err), &err);
+    FS_CHECK(x[0] == (float)(N * N * N * N));
+    return 0;
+}
+
+FS_TEST(coll_forked_child_cannot_use_or_close_the_parents_communicator)
+{
+    FS_CHECK_EQ(run_ranks(2, NULL, fork_child_rank, NULL), 0);
+}
+
 int main(void)
 {
     return fs_test_main();
