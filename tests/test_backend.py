@@ -544,3 +544,28 @@ def _fork_in_rank(rank, world):
 
 def test_forked_child_cannot_use_the_group():
     assert run_ranks(_fork_in_rank, 2) == [True, True]
+
+
+def _extended_api(rank, world, path):
+    import torch
+    import torch.distributed as dist
+
+    import fastspawn.backend as fb
+
+    try:
+        dist.Backend.register_backend("fastspawn_ext", fb._create, extended_api=True,
+                                      devices=["cpu"])
+    except TypeError:  # a torch without extended_api: nothing to check
+        return True
+    store = dist.FileStore(path, world)
+    dist.init_process_group("fastspawn_ext", store=store, rank=rank, world_size=world)
+    t = torch.ones(3) * (rank + 1)
+    dist.all_reduce(t)
+    assert t.tolist() == [3.0] * 3
+    dist.destroy_process_group()
+    return True
+
+
+def test_extended_api_creator():
+    with tempfile.TemporaryDirectory() as tmp:
+        assert run_ranks(_extended_api, 2, os.path.join(tmp, "s"), init=False) == [True, True]
