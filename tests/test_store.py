@@ -535,3 +535,13 @@ def test_forked_child_cannot_use_parent_connection(store):
     assert "after fork" in msg
     store.set("x", b"1")  # the parent's connection is untouched
     assert store.get("x") == b"1"
+
+
+def test_store_survives_dropping_the_python_object(server):
+    # torch keeps only the C++ half (PrefixStore, NCCL's lazy set-up): a
+    # temporary Store must keep working after the last Python reference goes.
+    import gc
+    prefixed = dist.PrefixStore("x", server.client())
+    gc.collect()
+    prefixed.set("k", "v")
+    assert prefixed.get("k") == b"v"

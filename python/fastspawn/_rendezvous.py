@@ -319,16 +319,7 @@ def init_process_group(backend: Optional[str] = None,
     # hundreds of milliseconds that a CPU-only group must not pay.
     if _uses_cuda(backend) and torch.cuda.is_available() and torch.cuda.device_count() > 0:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    if _uses_cuda(backend):
-        # NCCL reads the store from its own C++ code paths; give it the torch
-        # TCPStore the launcher hosts (a native client, no GIL on those paths).
-        # On the H200 check, NCCL through the Python Store subclass worked in
-        # forked ranks but hit torch's "Not implemented" trampoline assert in
-        # zygote ranks; the native store avoids that path altogether.
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                              world, False, timeout=timeout or datetime.timedelta(minutes=30))
-    else:
-        store = _store.Store.from_env(timeout)
+    store = _store.Store.from_env(timeout)
     dist.init_process_group(backend, store=store, rank=rank,
                             world_size=world, **({"timeout": timeout} if timeout else {}),
                             **kwargs)

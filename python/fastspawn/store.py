@@ -53,6 +53,10 @@ Timeout = Union[timedelta, float, int, None]
 Value = Union[bytes, bytearray, memoryview, str]
 
 
+# Stores that torch may still call from C++ (see Store.__init__).
+_ALIVE: Dict[int, "Store"] = {}
+
+
 class StoreTimeoutError(TimeoutError, dist.DistStoreError):
     """A store call ran out of time. The message names the key(s) it waited for."""
 
@@ -138,6 +142,12 @@ class Store(dist.Store):
         )
         # The timeout lives in the C++ base (torch reads it there); every call reads it back.
         super().set_timeout(td)
+        # torch keeps only the C++ half of a Python store (PrefixStore, NCCL's
+        # lazy communicator set-up). If the Python object is collected, torch's
+        # trampoline finds no `set` and asserts "Not implemented." later, e.g.
+        # at NCCL's first collective after `init_process_group(store=Store(...))`
+        # with a temporary. So a Store stays alive until close().
+        _ALIVE[id(self)] = self
 
     @classmethod
     def from_env(cls, timeout: Timeout = None, *, connect_timeout: Timeout = None) -> "Store":
@@ -239,8 +249,10 @@ class Store(dist.Store):
         return Store(self._host, self._port, self._token, self.timeout)
 
     def close(self) -> None:
-        """Close the connection; calls blocked in other threads raise ConnectionError."""
+        """Close the connection; calls blocked in other threads raise ConnectionError.
+        torch must not use the store after this."""
         self._client.close()
+        _ALIVE.pop(id(self), None)
 
     # torch's C++ side looks these up by their C++ names (PythonStore trampoline).
     getNumKeys = num_keys
