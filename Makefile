@@ -19,7 +19,7 @@ bootstrap:
 
 build: bootstrap
 
-tests/c/bin/libfastspawn.a: $(LIB_SRC) csrc/fastspawn.h
+tests/c/bin/libfastspawn.a: $(LIB_SRC) $(wildcard csrc/*.h)
 	@mkdir -p tests/c/bin/obj
 	@for f in $(LIB_SRC); do $(CC) $(CFLAGS_C) -fPIC -c $$f -o tests/c/bin/obj/$$(basename $$f .c).o || exit 1; done
 	ar rcs $@ tests/c/bin/obj/*.o
@@ -27,7 +27,7 @@ tests/c/bin/libfastspawn.a: $(LIB_SRC) csrc/fastspawn.h
 tests/c/bin/%: tests/c/%.c tests/c/fs_test.h tests/c/bin/libfastspawn.a
 	$(CC) $(CFLAGS_C) $< tests/c/bin/libfastspawn.a -lpthread -ldl -lm -o $@
 
-tests/c/bin/san_%: tests/c/%.c tests/c/fs_test.h $(LIB_SRC) csrc/fastspawn.h
+tests/c/bin/san_%: tests/c/%.c tests/c/fs_test.h $(LIB_SRC) $(wildcard csrc/*.h)
 	@mkdir -p tests/c/bin
 	$(CC) $(CFLAGS_C) -O1 $(SAN) $< $(LIB_SRC) -lpthread -ldl -lm -o $@
 

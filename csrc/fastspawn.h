@@ -81,13 +81,13 @@ typedef struct fs_exit {
 
 typedef struct fs_proc {
     pid_t pid;
-    int pidfd;      /* exit notification; -1 where pidfd_open is missing */
-    int report_fd;  /* read end of the rank's report pipe, -1 when closed */
-    int is_child;   /* 1 if we may reap it (waitid); 0 if another process does */
-    int state;      /* enum fs_proc_state */
-    int exit_order; /* 1 for the first rank seen to exit, 2 for the next, ... */
+    int pidfd;        /* exit notification; -1 where pidfd_open is missing */
+    int report_fd;    /* read end of the rank's report pipe, -1 when closed */
+    int is_child;     /* 1 if we may reap it (waitid); 0 if another process does */
+    int state;        /* enum fs_proc_state */
+    int exit_order;   /* 1 for the first rank seen to exit, 2 for the next, ... */
     int killed_by_us; /* 1 once the supervisor signalled it */
-    int gone;       /* its pidfd fired: exited, even if the status is not known yet */
+    int gone;         /* its pidfd fired: exited, even if the status is not known yet */
     fs_exit_t exit;
     unsigned char *report; /* bytes the rank wrote to its report pipe */
     size_t report_len, report_cap;
@@ -97,9 +97,9 @@ typedef struct fs_group fs_group_t;
 
 /* Options for children forked by fs_group_fork(). */
 typedef struct fs_fork_opts {
-    int new_process_group; /* setpgid(0, 0) so a kill reaches the rank's descendants */
+    int new_process_group;   /* setpgid(0, 0) so a kill reaches the rank's descendants */
     int parent_death_signal; /* PR_SET_PDEATHSIG signal, 0 for none */
-    int guardian_fd;       /* fd the child must close (launcher-only pipe end), -1 for none */
+    int guardian_fd;         /* fd the child must close (launcher-only pipe end), -1 for none */
 } fs_fork_opts_t;
 
 /* Create a group for nprocs ranks. */

@@ -107,8 +107,9 @@ def _check_cpu(t: torch.Tensor, what: str) -> None:
     if t.device.type != "cpu":
         raise ValueError(
             f"fastspawn: {what} is on {t.device}; the fastspawn backend handles CPU tensors "
-            "only for now (CUDA goes through NCCL, not yet available): move it to the CPU or "
-            "use a 'cpu:fastspawn,cuda:nccl' process group"
+            "only: move it to the CPU, or use NCCL for CUDA tensors (fastspawn."
+            "init_process_group() picks 'cpu:gloo,cuda:nccl' where CUDA is present, or "
+            "create a separate group with dist.new_group(backend='nccl'))"
         )
     if t.layout != torch.strided:
         raise ValueError(f"fastspawn: {what} has layout {t.layout}; only dense tensors are supported")
