@@ -1,7 +1,7 @@
 # fastspawn developer entry points. The README's two commands:
 #   make train   - the main job (DDP training through fastspawn on CPU)
 #   make test    - C tests + pytest suite
-.PHONY: bootstrap build test ctest pytest sanitize lint format train bench clean
+.PHONY: bootstrap build test ctest pytest sanitize lint format train bench fuzz clean
 
 PY := scripts/py
 CC ?= gcc
@@ -58,6 +58,11 @@ train: bootstrap
 
 bench: bootstrap
 	$(PY) bench/spawn.py
+
+# libFuzzer on the store's frame parser for FUZZ_SECONDS (default 60).
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz_store.sh $(FUZZ_SECONDS)
 
 clean:
 	rm -rf build tests/c/bin python/fastspawn/*.so
