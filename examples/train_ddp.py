@@ -103,7 +103,9 @@ def run(args, backend: str, quiet: bool):
                               f"fastspawn-ddp-{os.getpid()}-{backend}-{time.monotonic_ns()}")
     data = load_digits()  # once, in the launcher: the ranks inherit it
     import torch._dynamo  # noqa: F401 - DDP imports it (~1 s); once here, not in every rank
-    print(f"[{backend}] start method: {fastspawn._launch._resolve_start_method('auto')}")
+    if not quiet:
+        how = "fork" if not fastspawn.fork_safety_issues() else "zygote"
+        print(f"start method: auto ({how}); backend: {backend}")
     t0 = time.perf_counter()
     results = fastspawn.spawn(train, args=(args.nprocs, args.epochs, backend, rendezvous, quiet,
                                            data), nprocs=args.nprocs)

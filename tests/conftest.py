@@ -77,8 +77,9 @@ def open_fds() -> set:
     return set(os.listdir("/proc/self/fd"))
 
 
-def run_python(code: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def run_python(code: str, timeout: float = 120, extra_env=None,
+               **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join([PACKAGE_DIR, env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)

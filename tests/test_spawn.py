@@ -427,3 +427,15 @@ def test_no_zombies_after_join(no_leaks):
     fastspawn.spawn(times, args=(1,), nprocs=4, start_method="fork")
     for pid in children_of(os.getpid()):
         assert pid_alive(pid) or False, f"zombie child {pid}"
+
+
+def test_zygote_prestarted_on_import_when_asked():
+    code = """
+import fastspawn
+z = fastspawn._zygote._zygote
+assert z is not None and z.alive(), "no zygote after import"
+print(fastspawn.spawn(lambda i: i * 3, nprocs=2, start_method="zygote"))
+"""
+    out = run_python(code, extra_env={"FASTSPAWN_PRESTART_ZYGOTE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[0, 3]"

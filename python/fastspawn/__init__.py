@@ -10,6 +10,7 @@ can replace it wholesale. See README.md for the semantics of the start methods.
 from __future__ import annotations
 
 import multiprocessing as _multiprocessing
+import os as _os
 
 import torch.multiprocessing as _torch_mp
 from torch.multiprocessing import *  # noqa: F401,F403 - the drop-in namespace
@@ -25,6 +26,9 @@ from ._zygote import ZygoteError  # noqa: F401
 from .store import Store, StoreServer, StoreTimeoutError  # noqa: F401
 
 __version__ = "0.1.0"
+
+if _os.environ.get("FASTSPAWN_PRESTART_ZYGOTE") == "1":
+    start_zygote()  # ahead of need: the first zygote spawn then finds torch imported
 
 _MP_CONTEXT_FOR = {"auto": "forkserver", "zygote": "forkserver"}
 
