@@ -64,11 +64,6 @@ def fs_zygote_cold(n, d):
     fastspawn.spawn(rank_fn, args=(d,), nprocs=n, start_method="zygote")
 
 
-def measure(launch, n, repeat):
-    runs = [run_once(launch, n) for _ in range(repeat)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -86,26 +81,35 @@ def main():
         ("fastspawn zygote, warm", fs_launch("zygote"), False),
         ("fastspawn zygote, first call", fs_zygote_cold, True),
         ("fastspawn spawn", fs_launch("spawn"), True),
+        ("fastspawn forkserver (torch preloaded), warm", fs_launch("forkserver"), False),
         ("torch fork", torch_launch("fork"), False),
         ("torch forkserver (torch preloaded), warm", torch_launch("forkserver"), False),
         ("torch spawn", torch_launch("spawn"), True),
     ]
     fastspawn.spawn(rank_fn, args=(tempfile.gettempdir(),), nprocs=1, start_method="zygote")
     torch_launch("forkserver")(1, tempfile.mkdtemp())  # start torch's forkserver once
+    # Rounds interleave the cases (fastspawn, torch, fastspawn, ...), so a noisy
+    # moment on the machine hits both sides rather than one.
+    runs = {(label, n): [] for label, _, _ in cases for n in args.n}
+    for n in args.n:
+        for rnd in range(max(args.repeat, args.slow_repeat)):
+            for label, launch, slow in cases:
+                if rnd < (args.slow_repeat if slow else args.repeat):
+                    runs[(label, n)].append(run_once(launch, n))
     results = {}
-    for label, launch, slow in cases:
-        for n in args.n:
-            ready, total = measure(launch, n, args.slow_repeat if slow else args.repeat)
-            results[(label, n)] = (ready, total)
-            print(f"{label:42s} N={n}: ready {ready * 1e3:8.1f} ms  total {total * 1e3:8.1f} ms",
-                  flush=True)
+    for (label, n), rs in runs.items():
+        results[(label, n)] = (statistics.median(r[0] for r in rs),
+                               statistics.median(r[1] for r in rs))
+        print(f"{label:42s} N={n}: ready {results[(label, n)][0] * 1e3:8.1f} ms  "
+              f"total {results[(label, n)][1] * 1e3:8.1f} ms", flush=True)
 
     lines = [
         f"### Start-up: fastspawn vs torch.multiprocessing (`bench/spawn.py`)",
         "",
         f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python "
-        f"{platform.python_version()}, torch {torch.__version__}. Median of {args.repeat} runs "
-        f"({args.slow_repeat} for methods that import torch in each rank). "
+        f"{platform.python_version()}, torch {torch.__version__}. Median of {args.repeat} runs, "
+        f"the cases interleaved ({args.slow_repeat} for methods that import torch in each "
+        "rank). "
         "*ready*: spawn call until every rank runs fn with torch imported; *total*: spawn + join.",
         "",
         "| method | " + " | ".join(f"N={n} ready / total (ms)" for n in args.n) + " |",
@@ -122,7 +126,9 @@ def main():
                          ("fastspawn default (auto)", "torch fork"),
                          ("fastspawn zygote, warm", "torch forkserver (torch preloaded), warm"),
                          ("fastspawn zygote, warm", "torch spawn"),
-                         ("fastspawn spawn", "torch spawn")]:
+                         ("fastspawn spawn", "torch spawn"),
+                         ("fastspawn forkserver (torch preloaded), warm",
+                          "torch forkserver (torch preloaded), warm")]:
         cells = [f"{results[(theirs, n)][0] / results[(ours, n)][0]:.1f}x" for n in args.n]
         lines.append(f"| {ours} vs {theirs} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
