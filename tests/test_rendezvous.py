@@ -253,3 +253,32 @@ def test_unreachable_store_fails_within_the_timeout():
     assert results[0][0] == 3
     assert "cannot reach node 0" in results[0][1]
     assert time.monotonic() - t0 < 30
+
+
+def ddp_rank(i, steps):
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    fastspawn.init_process_group()
+    model = DDP(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(100 + dist.get_rank())  # each rank its own data
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 8, generator=g)).pow(2).sum().backward()
+        opt.step()
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    dist.destroy_process_group()
+    return dist.is_available(), params
+
+
+@pytest.mark.parametrize("method", FAST_METHODS)
+def test_ddp_through_spawn_keeps_replicas_identical(method):
+    out = fastspawn.spawn(ddp_rank, args=(5,), nprocs=2, start_method=method)
+    a, b = out[0][1], out[1][1]
+    assert torch.equal(a, b)  # bit-identical replicas after 5 steps on different data
+    torch.manual_seed(0)
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    init = torch.cat([p.detach().flatten() for p in fresh.parameters()])
+    assert a.shape == init.shape and not torch.equal(a, init)  # training moved them
