@@ -94,12 +94,7 @@ def _exit_process(code: int) -> None:
         _mp_util._exit_function()  # type: ignore[attr-defined]
         threading._shutdown()  # type: ignore[attr-defined]
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                if stream is not None:
-                    stream.flush()
-            except Exception:
-                pass
+        _mp_util._flush_std_streams()  # type: ignore[attr-defined]
         os._exit(code)
 
 

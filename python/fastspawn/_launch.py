@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import pickle
 import signal
@@ -144,6 +145,12 @@ def _validate(fn: Any, args: Any, nprocs: Any, kwargs: Any, daemon: Any) -> tupl
 
 
 # ------------------------------------------------------------------ processes
+
+
+def _death_signal() -> int:
+    """PR_SET_PDEATHSIG fires when the forking *thread* exits: only from the
+    main thread does it mean "the launcher died" (the guardian covers the rest)."""
+    return signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
 
 
 def _wait_status(exitcode: int) -> int:
@@ -294,15 +301,19 @@ class ProcessContext:
     def _info(self, index: int) -> tuple:
         return self._group.info(index)
 
+    def _exitcode_now(self, index: int) -> Optional[int]:
+        """multiprocessing's exitcode from the supervisor's record (None: running)."""
+        _pid, state, code, sig, _order, _killed, _gone = self._info(index)
+        if state != _C.PROC_EXITED:
+            return None
+        return -sig if sig else code
+
     def _exitcode(self, index: int) -> Optional[int]:
         if self._closed:
             return self._exit[index]
         self._group.wait(0)  # take in exits that happened since the last look
         self._sync_external()
-        pid, state, code, sig, _order, _killed, _gone = self._info(index)
-        if state != _C.PROC_EXITED:
-            return None
-        return -sig if sig else code
+        return self._exitcode_now(index)
 
     def _wait_for(self, index: int, timeout: Optional[float]) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -409,8 +420,8 @@ class ProcessContext:
         if self._closed:
             return
         for index in range(self.nprocs):
-            pid, state, code, sig, _o, _k, _g = self._info(index)
-            self._exit[index] = (-sig if sig else code) if state == _C.PROC_EXITED else None
+            pid = self._info(index)[0]
+            self._exit[index] = self._exitcode_now(index)
             if pid > 0:
                 _guardian_unwatch(pid)
         self._closed = True
@@ -491,12 +502,10 @@ def _start_forked(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
                   envs: List[Dict[str, str]]) -> ProcessContext:
     group = _C.Group(nprocs)
     ctx = ProcessContext(group, nprocs, "fork", daemon)
-    death = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
+    death = _death_signal()
     # As multiprocessing does: unflushed output would otherwise be printed by
     # every rank as well.
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
+    multiprocessing.util._flush_std_streams()  # type: ignore[attr-defined]
     try:
         for index in range(nprocs):
             pid, report_fd = group.fork(index, True, death)
@@ -549,7 +558,7 @@ def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool
     group = _C.Group(nprocs)
     ctx = ProcessContext(group, nprocs, method, daemon)
     ctx._mp_processes = []
-    death = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
+    death = _death_signal()
     launcher = os.getpid() if method == "spawn" else 0
     try:
         for index in range(nprocs):
