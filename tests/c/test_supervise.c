@@ -168,29 +168,39 @@ FS_TEST(terminate_reaches_grandchildren_and_escalates)
     fs_group_free(g);
 }
 
-FS_TEST(adopted_rank_with_status_fd)
+/* A one-rank group whose rank we fork and reap ourselves (playing the zygote);
+   its status, if any, goes to *status_wfd. Returns the rank's pid. */
+static pid_t adopt_reaped_elsewhere(fs_group_t **g, int delay_ms, int code, int *status_wfd,
+                                    fs_error_t *err)
 {
-    fs_error_t err;
-    fs_group_t *g = NULL;
-    FS_CHECK_OK(fs_group_new(1, &g, &err), &err);
+    FS_CHECK_OK(fs_group_new(1, g, err), err);
     int status_pipe[2];
     FS_CHECK(pipe(status_pipe) == 0);
     pid_t pid = fork();
     if (pid == 0) {
-        sleep_ms(50);
-        _exit(7);
+        sleep_ms(delay_ms);
+        _exit(code);
     }
-    FS_CHECK_OK(fs_group_adopt(g, 0, pid, 0, &err), &err);
-    FS_CHECK_OK(fs_group_attach_status_fd(g, status_pipe[0], &err), &err);
-    /* We play the zygote: reap it ourselves and send the record. */
+    FS_CHECK_OK(fs_group_adopt(*g, 0, pid, 0, err), err);
+    FS_CHECK_OK(fs_group_attach_status_fd(*g, status_pipe[0], err), err);
+    *status_wfd = status_pipe[1];
+    return pid;
+}
+
+FS_TEST(adopted_rank_with_status_fd)
+{
+    fs_error_t err;
+    fs_group_t *g = NULL;
+    int status_wfd = -1;
+    pid_t pid = adopt_reaped_elsewhere(&g, 50, 7, &status_wfd, &err);
     int status = 0;
     FS_CHECK(waitpid(pid, &status, 0) == pid);
     int32_t rec[2] = {pid, status};
-    FS_CHECK(write(status_pipe[1], rec, sizeof rec) == sizeof rec);
+    FS_CHECK(write(status_wfd, rec, sizeof rec) == sizeof rec);
     wait_all(g, &err);
     FS_CHECK_EQ(fs_group_proc(g, 0)->exit.exit_code, 7);
     FS_CHECK(fs_group_proc(g, 0)->gone);
-    (void)close(status_pipe[1]);
+    (void)close(status_wfd);
     fs_group_free(g);
 }
 
@@ -198,18 +208,10 @@ FS_TEST(reaper_gone_means_ranks_lost)
 {
     fs_error_t err;
     fs_group_t *g = NULL;
-    FS_CHECK_OK(fs_group_new(1, &g, &err), &err);
-    int status_pipe[2];
-    FS_CHECK(pipe(status_pipe) == 0);
-    pid_t pid = fork();
-    if (pid == 0) {
-        sleep_ms(20);
-        _exit(0);
-    }
-    FS_CHECK_OK(fs_group_adopt(g, 0, pid, 0, &err), &err);
-    FS_CHECK_OK(fs_group_attach_status_fd(g, status_pipe[0], &err), &err);
+    int status_wfd = -1;
+    pid_t pid = adopt_reaped_elsewhere(&g, 20, 0, &status_wfd, &err);
     FS_CHECK(waitpid(pid, NULL, 0) == pid);
-    (void)close(status_pipe[1]); /* the reaper dies without a word */
+    (void)close(status_wfd); /* the reaper dies without a word */
     wait_all(g, &err);
     FS_CHECK_EQ(fs_group_proc(g, 0)->state, FS_PROC_EXITED);
     FS_CHECK_EQ(fs_group_proc(g, 0)->exit.term_signal, SIGKILL);
