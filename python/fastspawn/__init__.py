@@ -19,8 +19,9 @@ from . import _C  # noqa: F401 - fail early if the extension is missing
 from . import backend  # noqa: F401 - registers the "fastspawn" torch.distributed backend
 from ._errors import (ArgumentPicklingError, ProcessException,  # noqa: F401
                       ProcessExitedException, ProcessRaisedException, RankFailure)
-from ._launch import (DEFAULT_START_METHOD, START_METHODS, ProcessContext,  # noqa: F401
-                      RankProcess, fork_safety_issues, spawn, start_processes, start_zygote)
+from ._launch import (DEFAULT_START_METHOD, ENV_VAR_PARALLEL_START,  # noqa: F401
+                      START_METHODS, ProcessContext, RankProcess, SpawnContext,
+                      fork_safety_issues, spawn, start_processes, start_zygote)
 from ._rendezvous import default_backend, init_process_group  # noqa: F401
 from ._zygote import ZygoteError  # noqa: F401
 from .store import Store, StoreServer, StoreTimeoutError  # noqa: F401
@@ -43,7 +44,8 @@ def get_context(method: str | None = None):
 
 
 __all__ = list(_torch_mp.__all__) + [
-    "spawn", "start_processes", "ProcessContext", "RankProcess", "ProcessException",
+    "spawn", "start_processes", "ProcessContext", "SpawnContext", "ENV_VAR_PARALLEL_START",
+    "RankProcess", "ProcessException",
     "ProcessRaisedException", "ProcessExitedException", "ArgumentPicklingError",
     "RankFailure", "ZygoteError", "start_zygote", "fork_safety_issues", "get_context",
     "START_METHODS", "DEFAULT_START_METHOD", "init_process_group", "default_backend", "Store",

@@ -64,15 +64,31 @@ def run_rank(index: int, load: Callable[[], Payload], report_fd: int) -> int:
         print(code, file=sys.stderr)
         return 1
     except BaseException as exc:  # noqa: BLE001 - every error is reported
+        # The launcher SIGTERMs the other ranks at the first failure (as torch
+        # does); a rank that failed at the same moment still finishes its report.
+        # SIGTERM stays blocked until the exit, which the report explains.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         _write_all(report_fd, encode_error(exc))
         return 1
     _write_all(report_fd, encode_result(result))
     return 0
 
 
-def _become_rank(index: int, env: Dict[str, str], daemon: bool) -> None:
+def enter_rank_environment(env: Dict[str, Optional[str]]) -> None:
+    """Set the rank's variables (None removes one) and its env:// rendezvous."""
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    from . import _rendezvous
+
+    _rendezvous.install_rank_rendezvous()
+
+
+def _become_rank(index: int, env: Dict[str, Optional[str]], daemon: bool) -> None:
     """Make multiprocessing and the environment see a new process (after fork)."""
-    os.environ.update(env)
+    enter_rank_environment(env)
     proc = multiprocessing.process.BaseProcess(name=f"fastspawn-rank-{index}")
     proc._config = dict(_mp_process._current_process._config)  # type: ignore[attr-defined]
     proc._parent_pid = os.getppid()  # type: ignore[attr-defined]
@@ -99,7 +115,7 @@ def _exit_process(code: int) -> None:
 
 
 def forked_rank_main(index: int, load: Callable[[], Payload], report_fd: int,
-                     env: Dict[str, str], daemon: bool) -> None:
+                     env: Dict[str, Optional[str]], daemon: bool) -> None:
     """Entry point of a rank forked by fastspawn (directly or by the zygote)."""
     code = 1
     try:
@@ -116,11 +132,11 @@ def forked_rank_main(index: int, load: Callable[[], Payload], report_fd: int,
 
 
 def mp_rank_main(index: int, fn: Callable[..., Any], args: tuple, kwargs: Dict[str, Any],
-                 report_conn: Any, env: Dict[str, str], death_signal: int,
+                 report_conn: Any, env: Dict[str, Optional[str]], death_signal: int,
                  launcher_pid: int) -> None:
     """Entry point of a rank started by multiprocessing (spawn / forkserver)."""
     _C.child_setup(True, death_signal, launcher_pid)
-    os.environ.update(env)
+    enter_rank_environment(env)
     code = run_rank(index, lambda: (fn, args, kwargs), report_conn.fileno())
     report_conn.close()
     if code != 0:

@@ -60,22 +60,57 @@ class RankFailure:
 ProcessException = _ProcessException
 
 
-class ProcessRaisedException(_ProcessRaised):
+def _picklable(obj: object) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - any failure means "not picklable"
+        return False
+    return True
+
+
+class _RankError:
+    """What fastspawn adds to torch's two exceptions: both ``error_pid`` (torch >=
+    2.10) and ``pid`` (earlier torch), ``failures``, and pickling that keeps every
+    attribute (torch's own ``__reduce__`` keeps only the constructor arguments)."""
+
+    failures: List[RankFailure]
+
+    def _init_extras(self, error_pid: int) -> None:
+        self.error_pid = error_pid  # type: ignore[attr-defined]
+        self.pid = error_pid
+        self.failures = []
+
+    def __reduce__(self):
+        cls, args = super().__reduce__()[:2]  # type: ignore[misc]
+        state = dict(self.__dict__)
+        # A rank's exception that cannot travel is dropped; its traceback text stays.
+        state["failures"] = [f if f.exception is None or _picklable(f.exception)
+                             else dataclasses.replace(f, exception=None)
+                             for f in state.get("failures", [])]
+        return cls, args, state
+
+
+class ProcessRaisedException(_RankError, _ProcessRaised):
     """A rank raised an exception; the message carries its traceback.
 
     ``failures`` lists every failed rank, root cause first.
     """
 
-    failures: List[RankFailure]
+    def __init__(self, msg: str, error_index: int, error_pid: int):
+        super().__init__(msg, error_index, error_pid)
+        self._init_extras(error_pid)
 
 
-class ProcessExitedException(_ProcessExited):
+class ProcessExitedException(_RankError, _ProcessExited):
     """A rank exited with a non-zero code or was killed by a signal.
 
     ``failures`` lists every failed rank, root cause first.
     """
 
-    failures: List[RankFailure]
+    def __init__(self, msg: str, error_index: int, error_pid: int, exit_code: int,
+                 signal_name: Optional[str] = None):
+        super().__init__(msg, error_index, error_pid, exit_code, signal_name)
+        self._init_extras(error_pid)
 
 
 class ArgumentPicklingError(TypeError, pickle.PicklingError):

@@ -8,6 +8,7 @@ process kills every rank's process group if this process dies, even by SIGKILL.
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util
@@ -19,6 +20,7 @@ import threading
 import time
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from . import _C, _child, _pickle, _rendezvous, _zygote
@@ -30,11 +32,13 @@ START_METHODS = ("auto", "fork", "zygote", "spawn", "forkserver")
 DEFAULT_START_METHOD = "auto"
 #: How long to wait for the zygote to import torch and answer (first call).
 ZYGOTE_TIMEOUT = 300.0
-#: After the first failure, how long other ranks get to finish failing on their
-#: own (so their errors are reported too) before they are sent SIGTERM.
-FAILURE_SETTLE_SECONDS = 0.25
 #: torch's default time between SIGTERM and SIGKILL after a failure.
 DEFAULT_TERMINATE_GRACE = 30.0
+#: torch's switch for starting forkserver ranks in parallel (same name, same effect).
+ENV_VAR_PARALLEL_START = "TORCH_MP_PARALLEL_START"
+
+#: torch.multiprocessing.spawn's logger: the same warnings, so code that watches them works.
+log = logging.getLogger("torch.multiprocessing.spawn")
 #: Time between the forwarded Ctrl-C / SIGTERM and SIGKILL.
 INTERRUPT_GRACE = 5.0
 
@@ -159,8 +163,10 @@ def _wait_status(exitcode: int) -> int:
 
 
 class RankProcess:
-    """A rank started by fork or the zygote: the parts of multiprocessing.Process
-    that code uses on ``ProcessContext.processes``."""
+    """A rank started by fork or the zygote, with what code uses of a
+    ``multiprocessing.Process`` on ``ProcessContext.processes``: ``pid``, ``name``,
+    ``daemon``, ``exitcode``, ``is_alive()``, ``join()``, ``sentinel``,
+    ``terminate()``, ``kill()`` and ``close()``."""
 
     def __init__(self, context: "ProcessContext", index: int, pid: int, daemon: bool):
         self._context = context
@@ -168,6 +174,8 @@ class RankProcess:
         self.pid = pid
         self.name = f"fastspawn-rank-{index}"
         self.daemon = daemon
+        self._sentinel: Optional[int] = None
+        self._close_sentinel: Optional[Callable[[], Any]] = None
 
     @property
     def ident(self) -> int:
@@ -175,7 +183,18 @@ class RankProcess:
 
     @property
     def exitcode(self) -> Optional[int]:
+        """None while the rank runs; its exit code, or -signal if a signal ended it."""
         return self._context._exitcode(self.index)
+
+    @property
+    def sentinel(self) -> int:
+        """An fd that becomes readable when the rank has ended (for
+        ``multiprocessing.connection.wait``); valid until :meth:`close`."""
+        if self._sentinel is None:
+            fd = self._context._open_sentinel(self.index)
+            self._sentinel = fd
+            self._close_sentinel = weakref.finalize(self, os.close, fd)
+        return self._sentinel
 
     def is_alive(self) -> bool:
         return self.exitcode is None
@@ -189,6 +208,18 @@ class RankProcess:
 
     def kill(self) -> None:
         self._context._signal_one(self.index, signal.SIGKILL)
+
+    def start(self) -> None:
+        raise AssertionError("cannot start a process twice")
+
+    def close(self) -> None:
+        """Release the sentinel; like multiprocessing, refused while the rank runs."""
+        if self.is_alive():
+            raise ValueError(f"Cannot close a process while it is still running. "
+                             f"You should first call join() or terminate(). ({self!r})")
+        if self._close_sentinel is not None:
+            self._close_sentinel()
+            self._sentinel = self._close_sentinel = None
 
     def __repr__(self) -> str:
         code = self.exitcode
@@ -228,14 +259,23 @@ class ProcessContext:
     def pids(self) -> List[int]:
         return [int(p.pid) for p in self.processes]
 
+    @property
+    def sentinels(self) -> Dict[int, int]:
+        """``{process.sentinel: index}`` (torch's attribute of that name)."""
+        return {p.sentinel: index for index, p in enumerate(self.processes)}
+
     def join(self, timeout: Optional[float] = None, grace_period: Optional[float] = None) -> bool:
         """Wait for the ranks.
 
         Returns True when every rank exited with code 0, False if ``timeout``
-        seconds passed first. On the first failure the other ranks get
-        SIGTERM, then after ``grace_period`` (default 30 s) SIGKILL, and the
-        failure is raised as ProcessRaisedException / ProcessExitedException.
-        Ctrl-C (or SIGTERM) while joining is forwarded to every rank the same way.
+        seconds passed first. On the first failure, in torch's order: with
+        ``grace_period``, the other ranks first get that long to exit on their
+        own, then SIGTERM, then SIGKILL after another ``grace_period``; without
+        it, SIGTERM at once and SIGKILL after 30 s (each logged on torch's
+        ``torch.multiprocessing.spawn`` logger, with its wording). The signals
+        go to each rank's process group. The failure is raised as
+        ProcessRaisedException / ProcessExitedException, root cause first.
+        Ctrl-C (or SIGTERM) while joining is forwarded to every rank.
         """
         _check_seconds(timeout, "timeout")
         _check_seconds(grace_period, "grace_period")
@@ -323,6 +363,23 @@ class ProcessContext:
                 return
             self._group.wait(remaining)
 
+    def _open_sentinel(self, index: int) -> int:
+        """A new fd that is (or becomes) readable once rank ``index`` has ended."""
+        if not self._closed and self._exitcode(index) is None:
+            pidfd = getattr(self._info(index), "pidfd", -1)
+            if pidfd >= 0:
+                return os.dup(pidfd)
+            # Not reaped yet (the supervisor reaps only in this thread's waits),
+            # so the pid is still this rank's.
+            return os.pidfd_open(self.processes[index].pid)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        os.close(write_end)  # ended already: a pipe at EOF is readable at once
+        return read_end
+
+    def _alive(self) -> List[int]:
+        self._sync_external()
+        return [i for i in range(self.nprocs) if self._exitcode_now(i) is None]
+
     def _signal_one(self, index: int, sig: int) -> None:
         if self._closed or self._exitcode(index) is not None:
             return
@@ -375,10 +432,20 @@ class ProcessContext:
             self._sync_external()
 
     def _fail(self, grace_period: Optional[float]) -> None:
-        # Let ranks that are failing too finish their reports, then stop the rest.
-        self._wait_until_done(FAILURE_SETTLE_SECONDS if grace_period is None else grace_period)
-        self._stop_all(signal.SIGTERM,
-                       DEFAULT_TERMINATE_GRACE if grace_period is None else grace_period)
+        # torch's order: the grace period first (others may exit on their own),
+        # then SIGTERM, another grace period (30 s without one), then SIGKILL.
+        if grace_period is not None:
+            self._wait_until_done(grace_period)
+        alive = self._alive()
+        for index in alive:
+            log.warning("Terminating process %s via signal SIGTERM", self.processes[index].pid)
+        if alive:
+            self._group.signal(signal.SIGTERM)
+        self._wait_until_done(DEFAULT_TERMINATE_GRACE if grace_period is None else grace_period)
+        for index in self._alive():
+            log.warning("Unable to shutdown process %s via SIGTERM , forcefully exiting via "
+                        "SIGKILL", self.processes[index].pid)
+        self._stop_all(signal.SIGKILL, 0)  # and what is left of every rank's process group
         failures = self._collect_failures()
         self._error = _build_exception(failures)
         self._close()
@@ -426,6 +493,10 @@ class ProcessContext:
                 _guardian_unwatch(pid)
         self._closed = True
         self._group.close()
+        if self._mp_processes is not None:
+            # multiprocessing keeps ended children (and their sentinel pipes) in its
+            # registry until someone asks; torch's ProcessContext leaves them there.
+            multiprocessing.active_children()
         if self._rendezvous is not None:
             self._rendezvous.close()  # the store outlived every rank; now it may go
             self._rendezvous = None
@@ -436,6 +507,15 @@ class ProcessContext:
         if not getattr(self, "_closed", True) and not getattr(self, "_orphaned", False):
             for pid in list(self.pids()):
                 _guardian_unwatch(pid)
+
+
+class SpawnContext(ProcessContext):
+    """torch's deprecated name for :class:`ProcessContext`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        warnings.warn("SpawnContext is renamed to ProcessContext since 1.4 release.",
+                      stacklevel=2)
+        super().__init__(*args, **kwargs)
 
 
 def _decode_error(report: bytes) -> tuple:
@@ -560,21 +640,45 @@ def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool
     ctx._mp_processes = []
     death = _death_signal()
     launcher = os.getpid() if method == "spawn" else 0
+    # As torch: TORCH_MP_PARALLEL_START=1 starts forkserver ranks from a thread pool.
+    parallel = method == "forkserver" and os.environ.get(ENV_VAR_PARALLEL_START, "0") == "1"
+    if parallel:
+        log.info("Starting processes in parallel.")
+    conns: List[Any] = []
+    procs: List[Any] = [None] * nprocs
+
+    def start(index: int) -> None:
+        procs[index] = mp.Process(target=_child.mp_rank_main, name=f"fastspawn-rank-{index}",
+                                  args=(index, send_fn, args, kwargs, conns[index], envs[index],
+                                        death, launcher), daemon=daemon)
+        procs[index].start()
+
+    error: Optional[BaseException] = None
     try:
         for index in range(nprocs):
-            conn = multiprocessing.connection.Connection(group.prepare_report(index),
-                                                         readable=False)
-            proc = mp.Process(target=_child.mp_rank_main, name=f"fastspawn-rank-{index}",
-                              args=(index, send_fn, args, kwargs, conn, envs[index], death,
-                                    launcher), daemon=daemon)
-            try:
-                proc.start()
-            finally:
-                conn.close()
-            group.adopt(index, proc.pid, False)
-            _guardian_watch(proc.pid)
-            ctx._mp_processes.append(proc)
-            ctx.processes.append(proc)
+            conns.append(multiprocessing.connection.Connection(group.prepare_report(index),
+                                                               readable=False))
+        if parallel:
+            with ThreadPoolExecutor(max_workers=nprocs) as pool:
+                for future in [pool.submit(start, index) for index in range(nprocs)]:
+                    future.result()
+        else:
+            for index in range(nprocs):
+                start(index)
+    except BaseException as exc:  # noqa: BLE001 - the ranks that did start are stopped first
+        error = exc
+    finally:
+        for conn in conns:
+            conn.close()
+    try:
+        for index, proc in enumerate(procs):
+            if proc is not None and proc.pid is not None:
+                group.adopt(index, proc.pid, False)
+                _guardian_watch(proc.pid)
+                ctx._mp_processes.append(proc)
+                ctx.processes.append(proc)
+        if error is not None:
+            raise error
     except BaseException:
         ctx._abort(signal.SIGKILL, 0)
         raise
@@ -663,4 +767,4 @@ def _join_at_exit() -> None:
 
 __all__: Iterable[str] = ("spawn", "start_processes", "ProcessContext", "RankProcess",
                           "start_zygote", "fork_safety_issues", "START_METHODS",
-                          "DEFAULT_START_METHOD")
+                          "DEFAULT_START_METHOD", "ENV_VAR_PARALLEL_START", "SpawnContext")

@@ -1,24 +1,43 @@
-"""Rendezvous: where this launcher sits in the job, the stores it hosts, and the
-one call that gives a rank its process group.
+"""Rendezvous: where this launcher sits in the job, the store it hosts, and how
+a rank's ``init_process_group`` finds it.
 
 One launcher runs per node. Node 0's launcher hosts fastspawn's C store (a C
-thread in the launcher; on one machine bound to 127.0.0.1 port 0, so two jobs
-never clash) and a torch ``TCPStore`` for scripts that rendezvous with
-``init_method="env://"`` (also on port 0; ranks reach it as torchrun's agent
-store, ``TORCHELASTIC_USE_AGENT_STORE=True``, so no rank binds a port). Both
-outlive any rank and stop when the launcher's join ends.
+thread in the launcher; on one machine bound to 127.0.0.1 port 0 and an
+abstract Unix socket, so two jobs never clash; every connection presents the
+job's token). Ranks get ``MASTER_ADDR``/``MASTER_PORT`` naming that store.
+
+Inside a rank every ``init_method`` keeps torch's meaning:
+
+- ``env://`` (torch's default): while ``MASTER_ADDR``/``MASTER_PORT`` still
+  name the launcher's store, the rendezvous goes through it (no rank binds a
+  port); once the rank's code points them elsewhere, torch's own handler runs
+  unchanged (rank 0 hosts a TCPStore at that port, as under
+  ``torch.multiprocessing.spawn``).
+- ``tcp://host:port``, ``file://path`` and ``store=``: torch's own code, untouched.
+
+The env:// redirection wraps torch's registered ``env`` handler
+(:func:`install_rank_rendezvous`); each rendezvous through the launcher's store
+gets a key prefix of its own, so a second group after ``destroy_process_group()``
+never reads the first one's keys.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
+import logging
 import os
 import re
 import secrets
 import socket
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from urllib.parse import parse_qs, urlparse
 
 ENV_IN_RANK = "FASTSPAWN_IN_RANK"
+#: "host:port" of the launcher's store as MASTER_ADDR/MASTER_PORT name it in a rank:
+#: env:// goes through the launcher's store while they still say this.
+ENV_MASTER = "FASTSPAWN_MASTER"
+_ENV_STORE_ADDR = "FASTSPAWN_STORE_ADDR"  # fastspawn.store.ENV_ADDR (store imports torch)
 #: The shared secret of a multi-node job (every launcher must see the same value).
 ENV_JOB_TOKEN = "FASTSPAWN_JOB_TOKEN"
 #: How long launchers wait for each other (seconds).
@@ -111,6 +130,11 @@ def detect_placement(nnodes: Optional[int] = None, node_rank: Optional[int] = No
             found_port += 1
     nnodes = nnodes if nnodes is not None else (found_nnodes or 1)
     node_rank = node_rank if node_rank is not None else (found_rank or 0)
+    if nnodes == 1:
+        # MASTER_ADDR/MASTER_PORT in the environment say where rank 0 would host
+        # torch's store; one machine needs no agreed port, so fastspawn's store
+        # takes a free one (two jobs never clash). Only arguments pin it.
+        found_addr, found_port = None, None
     master_addr = master_addr if master_addr is not None else found_addr
     master_port = master_port if master_port is not None else found_port
     for name, value in (("nnodes", nnodes), ("node_rank", node_rank)):
@@ -148,7 +172,7 @@ def job_token(placement: Placement, token: Optional[str]) -> str:
 
 
 class Rendezvous:
-    """The launcher's side: stores (node 0), node registration, rank environments."""
+    """The launcher's side: the store (node 0), node registration, rank environments."""
 
     def __init__(self, nprocs: int, placement: Placement, token: Optional[str] = None,
                  timeout: Optional[float] = None):
@@ -160,20 +184,14 @@ class Rendezvous:
             os.environ.get(ENV_RDZV_TIMEOUT, DEFAULT_RDZV_TIMEOUT))
         self.token = job_token(placement, token)
         self.server = None
-        self.torch_store = None
         if placement.node_rank == 0:
             bind = "127.0.0.1" if not placement.multi_node else ""
             # One machine: also an abstract Unix socket (measured ~40% faster
             # round trips than TCP loopback), which the ranks use.
             self.server = _store.StoreServer(bind, placement.master_port, self.token,
                                              unix_path=None if placement.multi_node else "@")
-            import torch.distributed as dist
-
-            self.torch_store = dist.TCPStore(bind or "0.0.0.0", 0, None, True,
-                                             wait_for_workers=False)
         self.store_host = "127.0.0.1" if not placement.multi_node else placement.master_addr
         self.store_port = self.server.port if self.server else placement.master_port
-        self.torch_port = self.torch_store.port if self.torch_store else None
         try:
             if placement.multi_node:
                 self._register_node()
@@ -206,8 +224,6 @@ class Rendezvous:
             if agreed != str(p.nnodes):
                 raise ValueError(f"launchers disagree on the number of nodes: this one says "
                                  f"nnodes={p.nnodes}, another said {agreed}")
-            if self.torch_store is not None:
-                client.set("fastspawn/torch_store_port", str(self.torch_port))
             keys = [f"fastspawn/node/{r}" for r in range(p.nnodes)]
             try:
                 client.wait(keys, datetime.timedelta(seconds=self.timeout))
@@ -217,8 +233,6 @@ class Rendezvous:
                 raise TimeoutError(f"node {p.node_rank}: nodes {missing} did not check in "
                                    f"within {self.timeout:g} s") from None
             sizes = [int(v.split()[0]) for v in (x.decode() for x in client.multi_get(keys))]
-            if self.torch_store is None:
-                self.torch_port = int(client.get("fastspawn/torch_store_port"))
             # Node 0 keeps its store up until every node has read what it needs,
             # so each node reports the same verdict rather than a lost connection.
             client.set(f"fastspawn/checked/{p.node_rank}", "1")
@@ -242,7 +256,8 @@ class Rendezvous:
             return self.server.unix_addr
         return f"{self.store_host}:{self.store_port}"
 
-    def rank_environment(self, local_rank: int) -> Dict[str, str]:
+    def rank_environment(self, local_rank: int) -> Dict[str, Optional[str]]:
+        """The variables a rank starts with (None: remove the launcher's value)."""
         p = self.placement
         world = p.nnodes * self.nprocs
         return {
@@ -254,9 +269,12 @@ class Rendezvous:
             "NODE_RANK": str(p.node_rank),
             "NNODES": str(p.nnodes),
             "MASTER_ADDR": self.store_host,
-            "MASTER_PORT": str(self.torch_port),
-            "TORCHELASTIC_USE_AGENT_STORE": "True",
-            "FASTSPAWN_STORE_ADDR": self.store_addr,
+            "MASTER_PORT": str(self.store_port),
+            # Under torchrun the launcher has this; in a rank it would turn rank 0 of
+            # a user's own tcp:// store into a client of a server nobody starts.
+            "TORCHELASTIC_USE_AGENT_STORE": None,
+            ENV_MASTER: f"{self.store_host}:{self.store_port}",
+            _ENV_STORE_ADDR: self.store_addr,
             "FASTSPAWN_STORE_TOKEN": self.token,
             ENV_IN_RANK: "1",
         }
@@ -265,7 +283,6 @@ class Rendezvous:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
-        self.torch_store = None
 
 
 # ------------------------------------------------------------------ rank side
@@ -291,6 +308,111 @@ def _uses_cuda(backend: str) -> bool:
     return any(word in backend.lower() for word in ("nccl", "cuda", "xccl"))
 
 
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+#: Rendezvous through the launcher's store so far in this rank; each gets its own
+#: key prefix. Every rank creates its groups in the same order (torch relies on
+#: that too), so the n-th rendezvous of every rank meets under the same prefix.
+_rendezvous_count = itertools.count()
+_log = logging.getLogger(__name__)
+
+
+def launcher_store(timeout: Optional[datetime.timedelta] = None):
+    """A fresh key space on the launcher's store, for one rendezvous of this rank."""
+    import torch.distributed as dist
+
+    from . import store as _store
+
+    base = _store.Store.from_env(timeout)
+    return dist.PrefixStore(f"fastspawn/rdzv/{next(_rendezvous_count)}/", base)
+
+
+def _env_names_launcher_store(env: Mapping[str, str]) -> bool:
+    """Whether MASTER_ADDR/MASTER_PORT still name the launcher's store."""
+    master = env.get(ENV_MASTER)
+    if not master or not env.get(_ENV_STORE_ADDR):
+        return False
+    host, _, port = master.rpartition(":")
+    addr = env.get("MASTER_ADDR", "")
+    if env.get("MASTER_PORT", "").strip() != port:
+        return False
+    return addr == host or (host == "127.0.0.1" and addr in _LOOPBACK_NAMES)
+
+
+def _env_int(query: Dict[str, List[str]], key: str, var: str) -> int:
+    if key in query:
+        return int(query[key][0])
+    value = os.environ.get(var)
+    if not value:
+        raise ValueError(f"env:// rendezvous: environment variable {var} expected, but not set")
+    return int(value)
+
+
+def _wrap_env_handler(torch_handler: Any) -> Any:
+    def env_handler(url: str, **kwargs: Any) -> Iterator[Tuple[Any, int, int]]:
+        # A generator: torch runs this body at init time, so the check sees the
+        # environment as the rank's code left it.
+        if not _env_names_launcher_store(os.environ):
+            return (yield from torch_handler(url, **kwargs))
+        query = parse_qs(urlparse(url).query)
+        rank = _env_int(query, "rank", "RANK")
+        world_size = _env_int(query, "world_size", "WORLD_SIZE")
+        yield launcher_store(kwargs.get("timeout")), rank, world_size
+        raise RuntimeError("Unable to perform re-rendezvous using env:// method")
+
+    env_handler.fastspawn_wraps = torch_handler  # type: ignore[attr-defined]
+    return env_handler
+
+
+def _wrap_file_handler(torch_handler: Any) -> Any:
+    def file_handler(url: str, **kwargs: Any) -> Iterator[Tuple[Any, int, int]]:
+        # torch's FileStore retries open() while it fails with ENOENT (waiting for
+        # a file another node creates), so a path whose directory does not exist
+        # is a silent wait until the timeout (30 min by default). Say so at once.
+        path = urlparse(url).path
+        folder = os.path.dirname(path) or "."
+        if path and not os.path.isdir(folder):
+            raise _store_error(
+                f"file:// rendezvous: cannot create {path}: the directory {folder} does not "
+                "exist (torch's FileStore would wait for it until the timeout); create it or "
+                "choose a path every rank can write")
+        return (yield from torch_handler(url, **kwargs))
+
+    file_handler.fastspawn_wraps = torch_handler  # type: ignore[attr-defined]
+    return file_handler
+
+
+def _store_error(msg: str) -> Exception:
+    import torch.distributed as dist
+
+    return getattr(dist, "DistStoreError", RuntimeError)(msg)
+
+
+def install_rank_rendezvous() -> bool:
+    """In a new rank: route env:// through the launcher's store (see the module doc).
+
+    torch offers no public way to replace a registered rendezvous handler, so
+    this wraps the entry in ``torch.distributed.rendezvous._rendezvous_handlers``
+    (present from torch 1.x through 2.13; a test checks it on every torch the
+    suite runs on). Returns False, with a warning, where it is missing.
+    """
+    global _rendezvous_count
+    _rendezvous_count = itertools.count()
+    import importlib
+
+    # The module, not torch.distributed.rendezvous (the function of that name).
+    _torch_rdzv = importlib.import_module("torch.distributed.rendezvous")
+    handlers = getattr(_torch_rdzv, "_rendezvous_handlers", None)
+    if not isinstance(handlers, dict) or "env" not in handlers:
+        _log.warning("fastspawn: this torch has no env:// handler registry; env:// inside a "
+                     "rank needs MASTER_ADDR/MASTER_PORT of your own (rank 0 hosts there)")
+        return False
+    for scheme, wrap in (("env", _wrap_env_handler), ("file", _wrap_file_handler)):
+        current = handlers.get(scheme)
+        if current is not None and getattr(current, "fastspawn_wraps", None) is None:
+            handlers[scheme] = wrap(current)  # once (a nested launcher's rank has them)
+    return True
+
+
 def init_process_group(backend: Optional[str] = None,
                        timeout: Optional[datetime.timedelta] = None, **kwargs):
     """Create the default process group inside a rank started by fastspawn.
@@ -303,12 +425,10 @@ def init_process_group(backend: Optional[str] = None,
     import torch
     import torch.distributed as dist
 
-    from . import store as _store
-
-    if not os.environ.get(_store.ENV_ADDR):
+    if not os.environ.get(_ENV_STORE_ADDR):
         raise RuntimeError(
             "fastspawn.init_process_group() needs a rank started by fastspawn.spawn (which "
-            f"sets {_store.ENV_ADDR}, RANK and WORLD_SIZE); elsewhere call "
+            f"sets {_ENV_STORE_ADDR}, RANK and WORLD_SIZE); elsewhere call "
             "torch.distributed.init_process_group yourself")
     for name in ("store", "rank", "world_size", "init_method"):
         if name in kwargs:
@@ -319,12 +439,12 @@ def init_process_group(backend: Optional[str] = None,
     # hundreds of milliseconds that a CPU-only group must not pay.
     if _uses_cuda(backend) and torch.cuda.is_available() and torch.cuda.device_count() > 0:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    store = _store.Store.from_env(timeout)
-    dist.init_process_group(backend, store=store, rank=rank,
+    dist.init_process_group(backend, store=launcher_store(timeout), rank=rank,
                             world_size=world, **({"timeout": timeout} if timeout else {}),
                             **kwargs)
     return dist.group.WORLD
 
 
 __all__: List[str] = ["Placement", "detect_placement", "Rendezvous", "init_process_group",
-                      "default_backend", "first_slurm_host"]
+                      "default_backend", "first_slurm_host", "install_rank_rendezvous",
+                      "launcher_store"]
