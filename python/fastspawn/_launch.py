@@ -130,11 +130,18 @@ def _check_seconds(value: Optional[float], name: str) -> None:
         raise ValueError(f"{name} must be >= 0 seconds or None, got {value!r}")
 
 
+#: The supervisor's limit on ranks per launcher (checked before anything is built).
+MAX_NPROCS = getattr(_C, "MAX_PROCS", 65536)
+
+
 def _validate(fn: Any, args: Any, nprocs: Any, kwargs: Any, daemon: Any) -> tuple:
     if isinstance(nprocs, bool) or not isinstance(nprocs, int):
         raise TypeError(f"nprocs must be an int, got {type(nprocs).__name__} {nprocs!r}")
     if nprocs < 1:
         raise ValueError(f"nprocs must be at least 1, got {nprocs}")
+    if nprocs > MAX_NPROCS:
+        raise ValueError(f"nprocs must be at most {MAX_NPROCS} per launcher, got {nprocs}; "
+                         "for more ranks, run one launcher per node (nnodes=...)")
     if not callable(fn):
         raise TypeError(f"fn must be callable (called as fn(i, *args)), got "
                         f"{type(fn).__name__} {fn!r}")
@@ -605,7 +612,6 @@ def _start_zygote(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
     payload, user_fds = _pickle.dumps_with_fds((fn, args, kwargs), "zygote")
     zygote = _zygote.get()
     group = _C.Group(nprocs)
-    ctx = ProcessContext(group, nprocs, "zygote", daemon)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     report_fds: List[int] = []
     try:
@@ -622,6 +628,9 @@ def _start_zygote(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
         os.close(status_w)
         for fd in report_fds:
             os.close(fd)
+    # The job handle exists only once the ranks do: a failed request leaves no
+    # half-made context for the exit handler to join.
+    ctx = ProcessContext(group, nprocs, "zygote", daemon)
     group.attach_status_fd(status_r)
     for index, pid in enumerate(pids):
         group.adopt(index, pid, False)

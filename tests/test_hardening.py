@@ -1,0 +1,109 @@
+"""Nothing exposed, nothing leaked, nothing killed by mistake (issue 8's audit)."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import fastspawn
+from conftest import PACKAGE_DIR, run_python
+
+
+def _socket_inodes(pid: int) -> set:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[len("socket:["):-1])
+    return out
+
+
+def _tcp_listeners() -> dict:
+    """inode -> (hex local address, port) of every listening TCP socket."""
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":
+                addr, port = fields[1].rsplit(":", 1)
+                out[fields[9]] = (addr, int(port, 16))
+    return out
+
+
+def _unix_listeners() -> set:
+    """Inodes of listening Unix sockets (flag __SO_ACCEPTCON)."""
+    out = set()
+    for line in open("/proc/net/unix").read().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[3], 16) & 0x10000:
+            out.add(fields[6])
+    return out
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+
+
+def listeners_of(pid: int) -> dict:
+    tcp = _tcp_listeners()
+    inodes = _socket_inodes(pid)
+    return {"tcp": [tcp[i] for i in inodes if i in tcp],
+            "unix": [i for i in inodes if i in _unix_listeners()]}
+
+
+def look_at_launcher_and_self(i):
+    return listeners_of(os.getppid()), listeners_of(os.getpid())
+
+
+@pytest.mark.parametrize("method", ["fork", "zygote"])
+def test_one_machine_job_listens_on_loopback_only(method, no_leaks):
+    # Before: torch's TCPStore for env:// listened on *:PORT.
+    out = fastspawn.spawn(look_at_launcher_and_self, nprocs=2, start_method=method)
+    if method == "fork":  # the parent of a forked rank is the launcher
+        launcher, _ = out[0]
+        assert launcher["tcp"], "the launcher's store should listen on loopback TCP"
+        assert all(addr in LOOPBACK for addr, _ in launcher["tcp"]), launcher["tcp"]
+
+
+@pytest.mark.parametrize("method", ["fork", "zygote"])
+def test_ranks_inherit_no_listener(method, no_leaks):
+    # Before: a forked rank held the launcher's TCPStore listener (and its
+    # event-loop fds); a rank's long-lived child kept the port bound.
+    for _, own in fastspawn.spawn(look_at_launcher_and_self, nprocs=2, start_method=method):
+        assert own == {"tcp": [], "unix": []}
+
+
+def noop(i):
+    return None
+
+
+def test_huge_nprocs_is_refused_before_anything_is_built():
+    # Before: a million rank environments (1.5 GB, 2.4 s) were built first.
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="at most 65536"):
+        fastspawn.spawn(noop, nprocs=10**6)
+    assert time.monotonic() - t0 < 0.5
+
+
+def test_failed_zygote_start_leaves_no_half_made_job():
+    # Before: the right error, then "fastspawn: at exit: the process group was
+    # closed" at interpreter exit from a context that never had ranks.
+    code = """
+import fastspawn
+def f(i):
+    return i
+print(fastspawn.spawn(f, nprocs=300, start_method="zygote") == list(range(300)))
+"""
+    out = run_python(code)  # uncaught: its traceback lives on while exit handlers run
+    assert "at exit" not in out.stderr, out.stderr
+    if out.returncode != 0:  # refused: one clear error, nothing after it
+        assert out.stderr.rstrip().splitlines()[-1].startswith("ValueError: "), out.stderr
+    else:
+        assert out.stdout.strip() == "True"
