@@ -73,6 +73,45 @@ def wait_gone(pids, timeout=10.0) -> list:
     return left
 
 
+def socket_inodes(pid: int) -> set:
+    """Inodes of the sockets process pid holds."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[len("socket:["):-1])
+    return out
+
+
+def tcp_listeners() -> dict:
+    """inode -> (hex local address, port) of every listening TCP socket here."""
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                addr, port = fields[1].rsplit(":", 1)
+                out[fields[9]] = (addr, int(port, 16))
+    return out
+
+
+def unix_listeners() -> set:
+    """Inodes of listening Unix sockets (flag __SO_ACCEPTCON)."""
+    out = set()
+    for line in open("/proc/net/unix").read().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[3], 16) & 0x10000:
+            out.add(fields[6])
+    return out
+
+
 def open_fds() -> set:
     return set(os.listdir("/proc/self/fd"))
 

@@ -21,7 +21,7 @@ import torch.multiprocessing as torch_mp
 from torch.multiprocessing.spawn import ProcessException as TorchProcessException
 
 import fastspawn
-from conftest import PACKAGE_DIR, pid_alive
+from conftest import PACKAGE_DIR, pid_alive, socket_inodes, tcp_listeners
 
 TIMEOUT = timedelta(seconds=60)
 
@@ -32,35 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _listening_inodes() -> dict:
-    """inode -> port of every listening TCP socket of this network namespace."""
-    out = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A":  # TCP_LISTEN
-                out[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
-    return out
-
-
 def listening_ports_of(pid: int) -> set:
     """The TCP ports process pid itself listens on."""
-    listening = _listening_inodes()
-    ports = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inode = target[len("socket:["):-1]
-            if inode in listening:
-                ports.add(listening[inode])
-    return ports
+    listening = tcp_listeners()
+    return {listening[i][1] for i in socket_inodes(pid) if i in listening}
 
 
 def init_kwargs(form, i, n, port, tmp, rnd):

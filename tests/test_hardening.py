@@ -1,61 +1,20 @@
 """Nothing exposed, nothing leaked, nothing killed by mistake (issue 8's audit)."""
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 import fastspawn
-from conftest import PACKAGE_DIR, run_python
-
-
-def _socket_inodes(pid: int) -> set:
-    out = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out.add(target[len("socket:["):-1])
-    return out
-
-
-def _tcp_listeners() -> dict:
-    """inode -> (hex local address, port) of every listening TCP socket."""
-    out = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A":
-                addr, port = fields[1].rsplit(":", 1)
-                out[fields[9]] = (addr, int(port, 16))
-    return out
-
-
-def _unix_listeners() -> set:
-    """Inodes of listening Unix sockets (flag __SO_ACCEPTCON)."""
-    out = set()
-    for line in open("/proc/net/unix").read().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[3], 16) & 0x10000:
-            out.add(fields[6])
-    return out
+from conftest import run_python, socket_inodes, tcp_listeners, unix_listeners
 
 
 LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
 
 
 def listeners_of(pid: int) -> dict:
-    tcp = _tcp_listeners()
-    inodes = _socket_inodes(pid)
-    return {"tcp": [tcp[i] for i in inodes if i in tcp],
-            "unix": [i for i in inodes if i in _unix_listeners()]}
+    tcp, unix = tcp_listeners(), unix_listeners()
+    inodes = socket_inodes(pid)
+    return {"tcp": [tcp[i] for i in inodes if i in tcp], "unix": [i for i in inodes if i in unix]}
 
 
 def look_at_launcher_and_self(i):

@@ -19,6 +19,7 @@ A frame is an 8-byte little-endian length and a pickle.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import selectors
@@ -187,6 +188,14 @@ def forget_after_fork() -> None:
     _zygote = None
 
 
+@atexit.register
+def _close_at_exit() -> None:
+    # Closing the socket ends the zygote's loop; without this, the interpreter's
+    # exit leaves it to the death signal and warns about a running subprocess.
+    if _zygote is not None:
+        _zygote.close()
+
+
 # ---------------------------------------------------------------- zygote side
 
 
@@ -308,5 +317,8 @@ def serve(fd: int, launcher_pid: int, preload: List[str]) -> None:
     import fastspawn._child  # noqa: F401 - what every rank needs, imported once here
     import fastspawn._pickle  # noqa: F401
 
-    _send_frame(sock, {"ready": True})
+    try:
+        _send_frame(sock, {"ready": True})
+    except OSError:
+        return  # the launcher left while we were importing: nothing to serve
     _Server(sock).run()
