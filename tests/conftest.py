@@ -124,36 +124,92 @@ def run_python(code: str, timeout: float = 120, extra_env=None,
                           timeout=timeout, env=env, **kw)
 
 
-@pytest.fixture
-def no_leaks():
-    """The test must leave no child process (besides the zygote/guardian) and no fd."""
-    before_fds = open_fds()
-    yield
-    ignore = set()
+def shm_files() -> set:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("fastspawn")}
+    except FileNotFoundError:
+        return set()
+
+
+def _listening_sockets() -> set:
+    tcp, unix = tcp_listeners(), unix_listeners()
+    return {i for i in socket_inodes(os.getpid()) if i in tcp or i in unix}
+
+
+def _helpers():
+    """(pids, fds) of the long-lived helpers a test may start: the guardian, the
+    zygote, multiprocessing's forkserver and resource tracker."""
+    from multiprocessing import forkserver, resource_tracker
+    pids, fds = set(), set()
     z = fastspawn._zygote._zygote
     if z is not None:
-        ignore.add(z.proc.pid)
-    gpid = fastspawn._C.guardian_pid()
-    if gpid:
-        ignore.add(gpid)
-    # multiprocessing's forkserver / resource tracker are long-lived helpers.
-    from multiprocessing import forkserver, resource_tracker
-    for helper in (getattr(forkserver._forkserver, "_forkserver_pid", None),
-                   getattr(resource_tracker._resource_tracker, "_pid", None)):
-        if helper:
-            ignore.add(helper)
-    left = [p for p in children_of(os.getpid()) if p not in ignore and pid_alive(p)]
+        pids.add(z.proc.pid)
+        fds.add(str(z.sock.fileno()))  # a test may restart the zygote on purpose
+    pids.add(fastspawn._C.guardian_pid())
+    pids.add(getattr(forkserver._forkserver, "_forkserver_pid", None))
+    pids.add(getattr(resource_tracker._resource_tracker, "_pid", None))
+    for fd in (getattr(resource_tracker._resource_tracker, "_fd", None),
+               getattr(forkserver._forkserver, "_forkserver_alive_fd", None)):
+        if fd is not None:
+            fds.add(str(fd))
+    return pids - {None, 0}, fds
+
+
+def _reap_orphan_zombies() -> None:
+    # This process is a subreaper: orphans that exited become its zombies.
+    for pid in children_of(os.getpid()):
+        if not pid_alive(pid):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+@pytest.fixture(autouse=True)
+def _leave_nothing_behind(request):
+    """Every test: no process (orphaned grandchildren included: this process is
+    a subreaper), no listening socket and no /dev/shm segment left behind;
+    tests that ask for ``no_leaks`` also leave no fd."""
+    shm_before, listening_before = shm_files(), _listening_sockets()
+    fds_before = open_fds()
+    yield
+    helper_pids, helper_fds = _helpers()
+    left = [p for p in wait_gone([p for p in children_of(os.getpid())
+                                  if p not in helper_pids], 10)]
+    _reap_orphan_zombies()
+    shm_left = shm_files() - shm_before
+    for name in shm_left:  # fail this test, not every later one
+        os.unlink(os.path.join("/dev/shm", name))
+    listening = _listening_sockets() - listening_before
+    leaked = open_fds() - fds_before - helper_fds
     assert left == [], f"processes left behind: {left}"
-    leaked = open_fds() - before_fds
-    if z is not None:  # a test may restart the zygote on purpose
-        leaked.discard(str(z.sock.fileno()))
-    # multiprocessing's helpers, started by the first spawn/forkserver rank, stay.
-    for helper_fd in (getattr(resource_tracker._resource_tracker, "_fd", None),
-                      getattr(forkserver._forkserver, "_forkserver_alive_fd", None)):
-        if helper_fd is not None:
-            leaked.discard(str(helper_fd))
-    assert not leaked, f"fds left open: {[os.readlink(f'/proc/self/fd/{fd}') for fd in leaked]}"
+    assert not shm_left, f"/dev/shm segments left behind: {sorted(shm_left)}"
+    assert not listening, f"listening sockets left open: {listening}"
+    if "no_leaks" in request.fixturenames:
+        assert not leaked, f"fds left open: {[_fd_target(fd) for fd in leaked]}"
+
+
+def _fd_target(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd} (closed since)"
+
+
+@pytest.fixture
+def no_leaks():
+    """Also check that the test leaves no fd open (see _leave_nothing_behind)."""
+    yield
+
+
+def _become_subreaper() -> None:
+    import ctypes
+    PR_SET_CHILD_SUBREAPER = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 def pytest_configure(config):
+    _become_subreaper()
     config.addinivalue_line("markers", "slow: takes many seconds (skipped under the sanitizers)")
