@@ -173,12 +173,22 @@ def test_bad_rendezvous_arguments_start_nothing(no_leaks):
 # ----------------------------------------------------------------- several nodes
 
 NODE = r"""
-import sys, torch, torch.distributed as dist, fastspawn
+import os, sys, torch, torch.distributed as dist, fastspawn
+def store_listens_on():
+    # Local addresses (hex, as /proc/net/tcp has them) listening on MASTER_PORT.
+    port = "%04X" % int(os.environ["MASTER_PORT"])
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[1].endswith(":" + port):
+                out.append(f[1].rsplit(":", 1)[0])
+    return sorted(out)
 def rank(i):
     fastspawn.init_process_group(backend="gloo")
     t = torch.tensor([float(dist.get_rank())])
     dist.all_reduce(t)
-    out = (dist.get_rank(), dist.get_world_size(), t.item())
+    out = (dist.get_rank(), dist.get_world_size(), t.item(), store_listens_on())
     dist.destroy_process_group()
     return out
 node_rank, nprocs, port, token = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -198,9 +208,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _nodes(specs, timeout=20.0, nnodes=2, pause=0.2):
+def _nodes(specs, timeout=20.0, nnodes=2, pause=0.2, extra_env=None):
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=PACKAGE_DIR)
+    env = dict(os.environ, PYTHONPATH=PACKAGE_DIR, **(extra_env or {}))
     procs = []
     for node_rank, nprocs, token in specs:
         procs.append(subprocess.Popen(
@@ -223,6 +233,17 @@ def test_two_launchers_as_two_nodes():
     assert [r[0] for r in node0] == [0, 1] and [r[0] for r in node1] == [2, 3]
     assert {r[1] for r in node0 + node1} == {4}
     assert {r[2] for r in node0 + node1} == {6.0}  # 0 + 1 + 2 + 3
+    # Node 0's store listens on every interface (the other nodes must reach it).
+    assert node0[0][3] == ["00000000"]
+
+
+def test_store_bind_restricts_the_multi_node_store():
+    results = _nodes([(0, 1, "tok"), (1, 1, "tok")],
+                     extra_env={"FASTSPAWN_STORE_BIND": "127.0.0.1"})
+    for rc, out, err in results:
+        assert rc == 0, out + err
+    node0 = eval(results[0][1].strip().splitlines()[-1])
+    assert node0[0][3] == ["0100007F"]  # 127.0.0.1 only
 
 
 def test_nodes_with_different_nprocs_are_refused():

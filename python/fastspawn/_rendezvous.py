@@ -40,6 +40,8 @@ ENV_MASTER = "FASTSPAWN_MASTER"
 _ENV_STORE_ADDR = "FASTSPAWN_STORE_ADDR"  # fastspawn.store.ENV_ADDR (store imports torch)
 #: The shared secret of a multi-node job (every launcher must see the same value).
 ENV_JOB_TOKEN = "FASTSPAWN_JOB_TOKEN"
+#: Node 0's store address to bind on a multi-node job (default: every interface).
+ENV_STORE_BIND = "FASTSPAWN_STORE_BIND"
 #: How long launchers wait for each other (seconds).
 ENV_RDZV_TIMEOUT = "FASTSPAWN_RDZV_TIMEOUT"
 DEFAULT_RDZV_TIMEOUT = 300.0
@@ -185,7 +187,9 @@ class Rendezvous:
         self.token = job_token(placement, token)
         self.server = None
         if placement.node_rank == 0:
-            bind = "127.0.0.1" if not placement.multi_node else ""
+            # One machine: loopback only. Several: every interface, unless
+            # FASTSPAWN_STORE_BIND names the one the other nodes reach it on.
+            bind = "127.0.0.1" if not placement.multi_node else os.environ.get(ENV_STORE_BIND, "")
             # One machine: also an abstract Unix socket (measured ~40% faster
             # round trips than TCP loopback), which the ranks use.
             self.server = _store.StoreServer(bind, placement.master_port, self.token,
