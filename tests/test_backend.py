@@ -569,3 +569,55 @@ def _extended_api(rank, world, path):
 def test_extended_api_creator():
     with tempfile.TemporaryDirectory() as tmp:
         assert run_ranks(_extended_api, 2, os.path.join(tmp, "s"), init=False) == [True, True]
+
+
+def _without_options(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    pg = dist.group.WORLD  # called as torch 2.1 calls them: no option structs
+    x = torch.ones(2) * (rank + 1)
+    total = float(sum(range(1, world + 1)))
+    pg.allreduce([x]).wait()
+    assert x.tolist() == [total] * 2
+    ys = [torch.ones(2), torch.ones(1)]
+    pg.allreduce_coalesced(ys).wait()
+    assert [y.tolist() for y in ys] == [[float(world)] * 2, [float(world)]]
+    r = torch.ones(2)
+    pg.reduce([r]).wait()  # root 0
+    assert r.tolist() == ([float(world)] * 2 if rank == 0 else [1.0, 1.0])
+    b = torch.full((3,), float(rank))
+    pg.broadcast([b]).wait()
+    assert b.tolist() == [0.0] * 3
+    outs = [torch.empty(2) for _ in range(world)]
+    pg.allgather([outs], [torch.full((2,), float(rank))]).wait()
+    assert [o.tolist() for o in outs] == [[float(q)] * 2 for q in range(world)]
+    flat = torch.empty(2 * world)
+    pg._allgather_base(flat, torch.full((2,), float(rank))).wait()
+    assert flat.tolist() == [float(q) for q in range(world) for _ in range(2)]
+    rs = torch.empty(2)
+    pg.reduce_scatter([rs], [[torch.ones(2) for _ in range(world)]]).wait()
+    assert rs.tolist() == [float(world)] * 2
+    rs2 = torch.empty(2)
+    pg._reduce_scatter_base(rs2, torch.ones(2 * world)).wait()
+    assert rs2.tolist() == [float(world)] * 2
+    g = [[torch.empty(1) for _ in range(world)]] if rank == 0 else []
+    pg.gather(g, [torch.full((1,), float(rank))]).wait()
+    if rank == 0:
+        assert [t.item() for t in g[0]] == [float(q) for q in range(world)]
+    s = torch.empty(1)
+    pieces = [[torch.full((1,), float(q)) for q in range(world)]] if rank == 0 else []
+    pg.scatter([s], pieces).wait()
+    assert s.item() == float(rank)
+    a_out = [torch.empty(1) for _ in range(world)]
+    pg.alltoall(a_out, [torch.full((1,), float(10 * rank + q)) for q in range(world)]).wait()
+    assert [t.item() for t in a_out] == [float(10 * q + rank) for q in range(world)]
+    a2 = torch.empty(world)
+    pg.alltoall_base(a2, torch.arange(world, dtype=torch.float32) + 10 * rank, [], []).wait()
+    assert a2.tolist() == [float(10 * q + rank) for q in range(world)]
+    pg.barrier().wait()
+    return True
+
+
+def test_collectives_without_option_structs():
+    assert run_ranks(_without_options, 2, timeout=60) == [True, True]

@@ -32,6 +32,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+# The option structs (AllgatherOptions, ...): torch.distributed re-exports only
+# some of them (never AllgatherOptions, up to 2.13 at least); torch 2.1 calls
+# allgather without one, so the defaults come from where they are defined.
+from torch._C import _distributed_c10d as _c10d
 
 from . import _C
 
@@ -447,7 +451,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
 
     # -- reductions -------------------------------------------------------------
     def allreduce(self, tensors, opts=None):
-        opts = opts if opts is not None else dist.AllreduceOptions()
+        opts = opts if opts is not None else _c10d.AllreduceOptions()
         t = self._single(tensors, "allreduce")
         op = _reduce_op(opts)
         if (type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided
@@ -464,7 +468,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             opts=opts, finish=finish, keep=(buf,), nbytes=buf.nbytes)
 
     def allreduce_coalesced(self, tensors, opts=None):
-        opts = opts if opts is not None else dist.AllreduceCoalescedOptions()
+        opts = opts if opts is not None else _c10d.AllreduceCoalescedOptions()
         if not tensors:
             return _done_work(self._engine, tensors)
         op = _reduce_op(opts)
@@ -483,7 +487,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             opts=opts, finish=finish, keep=(flat,), nbytes=flat.nbytes)
 
     def reduce(self, tensors, opts=None):
-        opts = opts if opts is not None else dist.ReduceOptions()
+        opts = opts if opts is not None else _c10d.ReduceOptions()
         t = self._single(tensors, "reduce")
         op, root = _reduce_op(opts), self._root(opts)
         finish = _Finish()
@@ -494,7 +498,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             opts=opts, finish=finish, keep=(buf,), nbytes=buf.nbytes)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
-        opts = opts if opts is not None else dist.ReduceScatterOptions()
+        opts = opts if opts is not None else _c10d.ReduceScatterOptions()
         out = self._single(output_tensors, "reduce_scatter output")
         inputs = self._single(input_tensors, "reduce_scatter input")
         _check_cpu(out, "reduce_scatter output")
@@ -513,7 +517,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             keep=keep + (buf, flat), nbytes=flat.nbytes)
 
     def reduce_scatter_single(self, output, input, opts=None):
-        opts = opts if opts is not None else dist.ReduceScatterOptions()
+        opts = opts if opts is not None else _c10d.ReduceScatterOptions()
         _check_cpu(output, "reduce_scatter output")
         if input.numel() != output.numel() * self._world_size or input.dtype != output.dtype:
             raise ValueError(
@@ -534,7 +538,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
 
     # -- data movement ----------------------------------------------------------
     def broadcast(self, tensors, opts=None):
-        opts = opts if opts is not None else dist.BroadcastOptions()
+        opts = opts if opts is not None else _c10d.BroadcastOptions()
         t = self._single(tensors, "broadcast")
         root = self._root(opts)
         finish = _Finish()
@@ -544,7 +548,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             tensors, opts=opts, finish=finish, keep=(buf,), nbytes=data.numel())
 
     def allgather(self, output_tensors, input_tensors, opts=None):
-        opts = opts if opts is not None else dist.AllgatherOptions()
+        opts = opts if opts is not None else _c10d.AllgatherOptions()
         outs = self._single(output_tensors, "allgather output")
         inp = _contiguous(self._single(input_tensors, "allgather input"), "allgather input")
         self._check_same(outs, inp, "allgather output list")
@@ -558,7 +562,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             nbytes=flat.numel())
 
     def all_gather_single(self, output, input, opts=None):
-        opts = opts if opts is not None else dist.AllgatherOptions()
+        opts = opts if opts is not None else _c10d.AllgatherOptions()
         _check_cpu(output, "all_gather output")
         inp = _contiguous(input, "all_gather input")
         if output.numel() != inp.numel() * self._world_size or output.dtype != inp.dtype:
@@ -582,7 +586,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
     all_gather_single_coalesced = allgather_into_tensor_coalesced
 
     def gather(self, output_tensors, input_tensors, opts=None):
-        opts = opts if opts is not None else dist.GatherOptions()
+        opts = opts if opts is not None else _c10d.GatherOptions()
         root = self._root(opts)
         inp = _contiguous(self._single(input_tensors, "gather input"), "gather input")
         src = _as_bytes(inp)
@@ -599,7 +603,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             nbytes=src.numel() * self._world_size)
 
     def scatter(self, output_tensors, input_tensors, opts=None):
-        opts = opts if opts is not None else dist.ScatterOptions()
+        opts = opts if opts is not None else _c10d.ScatterOptions()
         root = self._root(opts)
         out = self._single(output_tensors, "scatter output")
         _check_cpu(out, "scatter output")
@@ -616,7 +620,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             nbytes=dst.numel() * self._world_size)
 
     def alltoall(self, output_tensors, input_tensors, opts=None):
-        opts = opts if opts is not None else dist.AllToAllOptions()
+        opts = opts if opts is not None else _c10d.AllToAllOptions()
         n = self._world_size
         if len(output_tensors) != n or len(input_tensors) != n:
             raise ValueError(f"fastspawn: alltoall needs {n} input and {n} output tensors")
@@ -628,7 +632,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                                      opts, keep=tuple(ins))
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
-        opts = opts if opts is not None else dist.AllToAllOptions()
+        opts = opts if opts is not None else _c10d.AllToAllOptions()
         n = self._world_size
         _check_cpu(output, "all_to_all output")
         inp = _contiguous(input, "all_to_all input")
