@@ -621,3 +621,66 @@ def _without_options(rank, world):
 
 def test_collectives_without_option_structs():
     assert run_ranks(_without_options, 2, timeout=60) == [True, True]
+
+
+# ---------------------------------------------------------------------------
+# C++ callers (DDP's helpers) and the Works they hold
+# ---------------------------------------------------------------------------
+
+def _cpp_callers(rank, world):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.utils import _verify_param_shape_across_processes
+
+    pg = dist.group.WORLD
+    # C++ calls allgather, then wait() on the Work: on a torch that drops the
+    # Python half of a Work returned to C++ (2.1) this blocked forever.
+    _verify_param_shape_across_processes(pg, [torch.ones(3, 2), torch.ones(5)])
+    ts = [torch.full((n,), float(rank + 1)) for n in (3, 70000, 1)]
+    dist._broadcast_coalesced(pg, ts, 1 << 10, 1)  # small buffer: several broadcasts
+    assert all(torch.equal(t, torch.full_like(t, 2.0)) for t in ts)
+    pins = pg._engine.pins
+    return pins if pins is None else len(pins)
+
+
+def test_cpp_callers_wait_on_python_works():
+    # All pinned Works were waited on by C++ and let go.
+    assert run_ranks(_cpp_callers, 2, timeout=60) in ([None, None], [0, 0])
+
+
+def _pinned_works(rank, world, path):
+    import torch
+    import torch.distributed as dist
+
+    import fastspawn.backend as fb
+
+    fb._keeps_python_works = False  # as on torch 2.1, whatever this torch does
+    fb._PIN_CAP = 8
+    dist.init_process_group("fastspawn", store=dist.FileStore(path, world), rank=rank,
+                            world_size=world)
+    pins = dist.group.WORLD._engine.pins
+    assert pins == {}
+    ts = [torch.ones(1 << 17) for _ in range(3)]  # above the inline size: queued
+    works = [dist.all_reduce(t, async_op=True) for t in ts]
+    assert len(pins) == 3
+    works[0].wait()
+    works[1].get_future().wait()
+    assert set(pins.values()) == {works[2]}
+    works[2].wait()
+    for _ in range(20):  # dropped without wait(): at most _PIN_CAP stay pinned
+        dist.all_reduce(torch.ones(4), async_op=True)
+    assert len(pins) == 8
+    w = dist.all_reduce(torch.ones(4), async_op=True)
+    assert id(w) in pins and len(pins) == 8  # the oldest made room
+    w.wait()
+    assert id(w) not in pins and len(pins) == 7
+    # C++ callers still find their Works
+    _cpp_callers(rank, world)
+    dist.destroy_process_group()
+    return [t[0].item() for t in ts]
+
+
+def test_works_pinned_until_waited_and_bounded():
+    with tempfile.TemporaryDirectory() as tmp:
+        got = run_ranks(_pinned_works, 2, os.path.join(tmp, "s"), init=False, timeout=60)
+    assert got == [[2.0, 2.0, 2.0]] * 2

@@ -17,6 +17,10 @@ Python completion thread, blocked in C without the GIL, completes each Work's
 torch Future as its collective finishes, so DDP overlaps gradient communication
 with the backward pass.
 
+On torch 2.1, which lets go of a Python Work that C++ (DDP) holds, the backend
+keeps each Work until its first wait() or get_future() (see
+_torch_keeps_python_works).
+
 Tensors must be CPU tensors; non-contiguous ones are copied. Reductions take
 float32, float64, float16, bfloat16, int8, uint8, int32, int64, bool (and
 complex for SUM/AVG); data-moving collectives take any dtype.
@@ -198,6 +202,8 @@ class Work(dist._Work):
         self._result = result
         self._finish = finish
         self._keep = keep  # buffers the C side reads or writes until completion
+        if engine.pins is not None:
+            engine.pin(self)
         self._done = done
         self._exc = exc
         self._fut = None  # made on demand: most synchronous calls never ask for it
@@ -225,6 +231,8 @@ class Work(dist._Work):
             fut.set_exception(self._exc)
 
     def wait(self, timeout=None) -> bool:
+        if self._engine.pins is not None:
+            self._engine.unpin(self)
         if not self._done:
             seconds = _seconds(timeout)
             try:
@@ -244,6 +252,8 @@ class Work(dist._Work):
         return True
 
     def get_future(self):
+        if self._engine.pins is not None:
+            self._engine.unpin(self)
         with self._engine.work_lock:
             if self._fut is None:
                 self._fut = torch.futures.Future()
@@ -273,6 +283,49 @@ class Work(dist._Work):
         pass
 
 
+# At most this many Works pinned per group: async Works a Python caller dropped
+# without wait() are pinned too (nothing tells them apart), this bounds them.
+_PIN_CAP = 4096
+
+_keeps_python_works = None
+
+
+def _torch_keeps_python_works() -> bool:
+    """Whether torch keeps a Python Work alive while C++ holds it (newer torch wraps
+    it in a PyWorkHolder).
+
+    Without that (torch 2.1), a Work returned to a C++ caller (DDP's reducer,
+    _verify_params_across_processes, _broadcast_coalesced) loses its Python half as
+    soon as the call returns: C++ then runs the base Work::wait(), which blocks
+    forever, and Work::getFuture(), which raises. Probed once, with a throw-away
+    group: the C++ allreduce dispatches to the Python one; only the kept-alive
+    Python Work answers get_future() on what C++ returns.
+    """
+    global _keeps_python_works
+    if _keeps_python_works is None:
+        class ProbeWork(dist._Work):
+            def get_future(self):
+                fut = torch.futures.Future()
+                fut.set_result(None)
+                return fut
+
+        class ProbeGroup(dist.ProcessGroup):
+            def getBackendName(self):
+                return "fastspawn-probe"
+
+            def allreduce(self, tensors, opts=None):
+                return ProbeWork()
+
+        try:
+            work = dist.ProcessGroup.allreduce(ProbeGroup(0, 1), [torch.zeros(1)],
+                                               _c10d.AllreduceOptions())
+            work.get_future()
+            _keeps_python_works = True
+        except Exception:  # noqa: BLE001 - "Work::getFuture not implemented": the
+            _keeps_python_works = False  # base C++ Work (or no answer: pin, to be safe)
+    return _keeps_python_works
+
+
 def _done_work(engine, result, exc=None) -> Work:
     return Work(engine, result, done=True, exc=exc)
 
@@ -280,8 +333,9 @@ def _done_work(engine, result, exc=None) -> Work:
 class _Engine:
     """The communicator, the queue of pending Works and the completion thread."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, pin_works: bool):
         self.comm = comm
+        self.pins = None  # not for sync_done, which the engine keeps anyway
         self.lock = threading.Lock()
         self.work_lock = threading.RLock()  # completes Works (re-entered by future callbacks)
         self.works: dict[int, Work] = {}
@@ -290,6 +344,20 @@ class _Engine:
         # Returned by every successful synchronous call (asyncOp=False): torch only
         # wait()s on those, and a Work object costs more than a small collective.
         self.sync_done = Work(self, [], done=True)
+        # Works kept alive for C++ callers until their first wait() or get_future()
+        # (see _torch_keeps_python_works); None where torch keeps them itself.
+        self.pins: dict[int, Work] | None = {} if pin_works else None
+        self.pin_lock = threading.Lock()
+
+    def pin(self, work: Work) -> None:
+        with self.pin_lock:
+            self.pins[id(work)] = work
+            if len(self.pins) > _PIN_CAP:
+                del self.pins[next(iter(self.pins))]  # the oldest
+
+    def unpin(self, work: Work) -> None:
+        with self.pin_lock:
+            self.pins.pop(id(work), None)
 
     def launch(self, args, result, finish=None, keep=(), sync=False, nbytes=0) -> Work:
         """Run one collective: inline (sync, or small with nothing queued) or queued."""
@@ -389,7 +457,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                 comm_kw[key] = int(os.environ[env])
         name = _exchange_name(store, rank, world_size)
         comm = _C.Comm(name, rank, world_size, timeout=seconds, connect_timeout=seconds, **comm_kw)
-        self._engine = _Engine(comm)
+        self._engine = _Engine(comm, pin_works=not _torch_keeps_python_works())
         _live_engines.add(self._engine)
         weakref.finalize(self, self._engine.close)
 
