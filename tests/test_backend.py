@@ -569,3 +569,118 @@ def _extended_api(rank, world, path):
 def test_extended_api_creator():
     with tempfile.TemporaryDirectory() as tmp:
         assert run_ranks(_extended_api, 2, os.path.join(tmp, "s"), init=False) == [True, True]
+
+
+def _without_options(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    pg = dist.group.WORLD  # called as torch 2.1 calls them: no option structs
+    x = torch.ones(2) * (rank + 1)
+    total = float(sum(range(1, world + 1)))
+    pg.allreduce([x]).wait()
+    assert x.tolist() == [total] * 2
+    ys = [torch.ones(2), torch.ones(1)]
+    pg.allreduce_coalesced(ys).wait()
+    assert [y.tolist() for y in ys] == [[float(world)] * 2, [float(world)]]
+    r = torch.ones(2)
+    pg.reduce([r]).wait()  # root 0
+    assert r.tolist() == ([float(world)] * 2 if rank == 0 else [1.0, 1.0])
+    b = torch.full((3,), float(rank))
+    pg.broadcast([b]).wait()
+    assert b.tolist() == [0.0] * 3
+    outs = [torch.empty(2) for _ in range(world)]
+    pg.allgather([outs], [torch.full((2,), float(rank))]).wait()
+    assert [o.tolist() for o in outs] == [[float(q)] * 2 for q in range(world)]
+    flat = torch.empty(2 * world)
+    pg._allgather_base(flat, torch.full((2,), float(rank))).wait()
+    assert flat.tolist() == [float(q) for q in range(world) for _ in range(2)]
+    rs = torch.empty(2)
+    pg.reduce_scatter([rs], [[torch.ones(2) for _ in range(world)]]).wait()
+    assert rs.tolist() == [float(world)] * 2
+    rs2 = torch.empty(2)
+    pg._reduce_scatter_base(rs2, torch.ones(2 * world)).wait()
+    assert rs2.tolist() == [float(world)] * 2
+    g = [[torch.empty(1) for _ in range(world)]] if rank == 0 else []
+    pg.gather(g, [torch.full((1,), float(rank))]).wait()
+    if rank == 0:
+        assert [t.item() for t in g[0]] == [float(q) for q in range(world)]
+    s = torch.empty(1)
+    pieces = [[torch.full((1,), float(q)) for q in range(world)]] if rank == 0 else []
+    pg.scatter([s], pieces).wait()
+    assert s.item() == float(rank)
+    a_out = [torch.empty(1) for _ in range(world)]
+    pg.alltoall(a_out, [torch.full((1,), float(10 * rank + q)) for q in range(world)]).wait()
+    assert [t.item() for t in a_out] == [float(10 * q + rank) for q in range(world)]
+    a2 = torch.empty(world)
+    pg.alltoall_base(a2, torch.arange(world, dtype=torch.float32) + 10 * rank, [], []).wait()
+    assert a2.tolist() == [float(10 * q + rank) for q in range(world)]
+    pg.barrier().wait()
+    return True
+
+
+def test_collectives_without_option_structs():
+    assert run_ranks(_without_options, 2, timeout=60) == [True, True]
+
+
+# ---------------------------------------------------------------------------
+# C++ callers (DDP's helpers) and the Works they hold
+# ---------------------------------------------------------------------------
+
+def _cpp_callers(rank, world):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.utils import _verify_param_shape_across_processes
+
+    pg = dist.group.WORLD
+    # C++ calls allgather, then wait() on the Work: on a torch that drops the
+    # Python half of a Work returned to C++ (2.1) this blocked forever.
+    _verify_param_shape_across_processes(pg, [torch.ones(3, 2), torch.ones(5)])
+    ts = [torch.full((n,), float(rank + 1)) for n in (3, 70000, 1)]
+    dist._broadcast_coalesced(pg, ts, 1 << 10, 1)  # small buffer: several broadcasts
+    assert all(torch.equal(t, torch.full_like(t, 2.0)) for t in ts)
+    pins = pg._engine.pins
+    return pins if pins is None else len(pins)
+
+
+def test_cpp_callers_wait_on_python_works():
+    # All pinned Works were waited on by C++ and let go.
+    assert run_ranks(_cpp_callers, 2, timeout=60) in ([None, None], [0, 0])
+
+
+def _pinned_works(rank, world, path):
+    import torch
+    import torch.distributed as dist
+
+    import fastspawn.backend as fb
+
+    fb._keeps_python_works = False  # as on torch 2.1, whatever this torch does
+    fb._PIN_CAP = 8
+    dist.init_process_group("fastspawn", store=dist.FileStore(path, world), rank=rank,
+                            world_size=world)
+    pins = dist.group.WORLD._engine.pins
+    assert pins == {}
+    ts = [torch.ones(1 << 17) for _ in range(3)]  # above the inline size: queued
+    works = [dist.all_reduce(t, async_op=True) for t in ts]
+    assert len(pins) == 3
+    works[0].wait()
+    works[1].get_future().wait()
+    assert set(pins.values()) == {works[2]}
+    works[2].wait()
+    for _ in range(20):  # dropped without wait(): at most _PIN_CAP stay pinned
+        dist.all_reduce(torch.ones(4), async_op=True)
+    assert len(pins) == 8
+    w = dist.all_reduce(torch.ones(4), async_op=True)
+    assert id(w) in pins and len(pins) == 8  # the oldest made room
+    w.wait()
+    assert id(w) not in pins and len(pins) == 7
+    # C++ callers still find their Works
+    _cpp_callers(rank, world)
+    dist.destroy_process_group()
+    return [t[0].item() for t in ts]
+
+
+def test_works_pinned_until_waited_and_bounded():
+    with tempfile.TemporaryDirectory() as tmp:
+        got = run_ranks(_pinned_works, 2, os.path.join(tmp, "s"), init=False, timeout=60)
+    assert got == [[2.0, 2.0, 2.0]] * 2

@@ -17,6 +17,10 @@ import torch.distributed as dist
 from fastspawn import _C
 from fastspawn.store import Store, StoreServer, StoreTimeoutError, parse_addr
 
+# What torch's stores raise on a timeout: DistStoreError in newer torch, a plain
+# RuntimeError in torch 2.1 (which has no DistStoreError).
+DistStoreError = getattr(dist, "DistStoreError", RuntimeError)
+
 MAGIC = b"fastspawn-store/1"
 OP_HELLO, OP_SET, OP_GET = 1, 2, 3
 
@@ -128,7 +132,8 @@ def test_torch_prefix_store_drives_it_from_cpp(store):
     assert p.add("n", 5) == 5
     p.wait(["a", "n"])
     p.wait(["a"], timedelta(seconds=1))
-    assert p.check(["a"]) and not p.check(["zz"])
+    if hasattr(p, "check"):  # torch 2.1 does not bind Store.check (C++ still calls ours)
+        assert p.check(["a"]) and not p.check(["zz"])
     assert p.compare_set("c", "", "x") == b"x"
     assert p.num_keys() == store.num_keys()
     assert p.delete_key("a") and not p.delete_key("a")
@@ -136,7 +141,7 @@ def test_torch_prefix_store_drives_it_from_cpp(store):
     assert p.multi_get(["m"]) == [b"v"]
     p.append("m", "w")
     assert p.get("m") == b"vw"
-    with pytest.raises(dist.DistStoreError, match="'pre/never'"):
+    with pytest.raises(DistStoreError, match="'pre/never'"):
         p.wait(["never"], timedelta(milliseconds=200))
 
 
@@ -160,7 +165,7 @@ def test_get_timeout_names_key(store):
         store.get("missing-key")
     assert 0.25 < time.monotonic() - t0 < 3
     assert isinstance(ei.value, TimeoutError)
-    assert isinstance(ei.value, dist.DistStoreError)  # torch's retry loops catch RuntimeError
+    assert isinstance(ei.value, DistStoreError)  # torch's retry loops catch RuntimeError
     store.set("missing-key", b"now")  # still usable; the cancelled get left nothing behind
     assert store.get("missing-key") == b"now"
 

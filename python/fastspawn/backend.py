@@ -17,6 +17,10 @@ Python completion thread, blocked in C without the GIL, completes each Work's
 torch Future as its collective finishes, so DDP overlaps gradient communication
 with the backward pass.
 
+On torch 2.1, which lets go of a Python Work that C++ (DDP) holds, the backend
+keeps each Work until its first wait() or get_future() (see
+_torch_keeps_python_works).
+
 Tensors must be CPU tensors; non-contiguous ones are copied. Reductions take
 float32, float64, float16, bfloat16, int8, uint8, int32, int64, bool (and
 complex for SUM/AVG); data-moving collectives take any dtype.
@@ -32,6 +36,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+# The option structs (AllgatherOptions, ...): torch.distributed re-exports only
+# some of them (never AllgatherOptions, up to 2.13 at least); torch 2.1 calls
+# allgather without one, so the defaults come from where they are defined.
+from torch._C import _distributed_c10d as _c10d
 
 from . import _C
 
@@ -194,6 +202,8 @@ class Work(dist._Work):
         self._result = result
         self._finish = finish
         self._keep = keep  # buffers the C side reads or writes until completion
+        if engine.pins is not None:
+            engine.pin(self)
         self._done = done
         self._exc = exc
         self._fut = None  # made on demand: most synchronous calls never ask for it
@@ -221,6 +231,8 @@ class Work(dist._Work):
             fut.set_exception(self._exc)
 
     def wait(self, timeout=None) -> bool:
+        if self._engine.pins is not None:
+            self._engine.unpin(self)
         if not self._done:
             seconds = _seconds(timeout)
             try:
@@ -240,6 +252,8 @@ class Work(dist._Work):
         return True
 
     def get_future(self):
+        if self._engine.pins is not None:
+            self._engine.unpin(self)
         with self._engine.work_lock:
             if self._fut is None:
                 self._fut = torch.futures.Future()
@@ -269,6 +283,49 @@ class Work(dist._Work):
         pass
 
 
+# At most this many Works pinned per group: async Works a Python caller dropped
+# without wait() are pinned too (nothing tells them apart), this bounds them.
+_PIN_CAP = 4096
+
+_keeps_python_works = None
+
+
+def _torch_keeps_python_works() -> bool:
+    """Whether torch keeps a Python Work alive while C++ holds it (newer torch wraps
+    it in a PyWorkHolder).
+
+    Without that (torch 2.1), a Work returned to a C++ caller (DDP's reducer,
+    _verify_params_across_processes, _broadcast_coalesced) loses its Python half as
+    soon as the call returns: C++ then runs the base Work::wait(), which blocks
+    forever, and Work::getFuture(), which raises. Probed once, with a throw-away
+    group: the C++ allreduce dispatches to the Python one; only the kept-alive
+    Python Work answers get_future() on what C++ returns.
+    """
+    global _keeps_python_works
+    if _keeps_python_works is None:
+        class ProbeWork(dist._Work):
+            def get_future(self):
+                fut = torch.futures.Future()
+                fut.set_result(None)
+                return fut
+
+        class ProbeGroup(dist.ProcessGroup):
+            def getBackendName(self):
+                return "fastspawn-probe"
+
+            def allreduce(self, tensors, opts=None):
+                return ProbeWork()
+
+        try:
+            work = dist.ProcessGroup.allreduce(ProbeGroup(0, 1), [torch.zeros(1)],
+                                               _c10d.AllreduceOptions())
+            work.get_future()
+            _keeps_python_works = True
+        except Exception:  # noqa: BLE001 - "Work::getFuture not implemented": the
+            _keeps_python_works = False  # base C++ Work (or no answer: pin, to be safe)
+    return _keeps_python_works
+
+
 def _done_work(engine, result, exc=None) -> Work:
     return Work(engine, result, done=True, exc=exc)
 
@@ -276,8 +333,9 @@ def _done_work(engine, result, exc=None) -> Work:
 class _Engine:
     """The communicator, the queue of pending Works and the completion thread."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, pin_works: bool):
         self.comm = comm
+        self.pins = None  # not for sync_done, which the engine keeps anyway
         self.lock = threading.Lock()
         self.work_lock = threading.RLock()  # completes Works (re-entered by future callbacks)
         self.works: dict[int, Work] = {}
@@ -286,6 +344,20 @@ class _Engine:
         # Returned by every successful synchronous call (asyncOp=False): torch only
         # wait()s on those, and a Work object costs more than a small collective.
         self.sync_done = Work(self, [], done=True)
+        # Works kept alive for C++ callers until their first wait() or get_future()
+        # (see _torch_keeps_python_works); None where torch keeps them itself.
+        self.pins: dict[int, Work] | None = {} if pin_works else None
+        self.pin_lock = threading.Lock()
+
+    def pin(self, work: Work) -> None:
+        with self.pin_lock:
+            self.pins[id(work)] = work
+            if len(self.pins) > _PIN_CAP:
+                del self.pins[next(iter(self.pins))]  # the oldest
+
+    def unpin(self, work: Work) -> None:
+        with self.pin_lock:
+            self.pins.pop(id(work), None)
 
     def launch(self, args, result, finish=None, keep=(), sync=False, nbytes=0) -> Work:
         """Run one collective: inline (sync, or small with nothing queued) or queued."""
@@ -385,7 +457,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                 comm_kw[key] = int(os.environ[env])
         name = _exchange_name(store, rank, world_size)
         comm = _C.Comm(name, rank, world_size, timeout=seconds, connect_timeout=seconds, **comm_kw)
-        self._engine = _Engine(comm)
+        self._engine = _Engine(comm, pin_works=not _torch_keeps_python_works())
         _live_engines.add(self._engine)
         weakref.finalize(self, self._engine.close)
 
@@ -447,7 +519,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
 
     # -- reductions -------------------------------------------------------------
     def allreduce(self, tensors, opts=None):
-        opts = opts if opts is not None else dist.AllreduceOptions()
+        opts = opts if opts is not None else _c10d.AllreduceOptions()
         t = self._single(tensors, "allreduce")
         op = _reduce_op(opts)
         if (type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided
@@ -464,7 +536,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             opts=opts, finish=finish, keep=(buf,), nbytes=buf.nbytes)
 
     def allreduce_coalesced(self, tensors, opts=None):
-        opts = opts if opts is not None else dist.AllreduceCoalescedOptions()
+        opts = opts if opts is not None else _c10d.AllreduceCoalescedOptions()
         if not tensors:
             return _done_work(self._engine, tensors)
         op = _reduce_op(opts)
@@ -483,7 +555,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             opts=opts, finish=finish, keep=(flat,), nbytes=flat.nbytes)
 
     def reduce(self, tensors, opts=None):
-        opts = opts if opts is not None else dist.ReduceOptions()
+        opts = opts if opts is not None else _c10d.ReduceOptions()
         t = self._single(tensors, "reduce")
         op, root = _reduce_op(opts), self._root(opts)
         finish = _Finish()
@@ -494,7 +566,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             opts=opts, finish=finish, keep=(buf,), nbytes=buf.nbytes)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
-        opts = opts if opts is not None else dist.ReduceScatterOptions()
+        opts = opts if opts is not None else _c10d.ReduceScatterOptions()
         out = self._single(output_tensors, "reduce_scatter output")
         inputs = self._single(input_tensors, "reduce_scatter input")
         _check_cpu(out, "reduce_scatter output")
@@ -513,7 +585,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             keep=keep + (buf, flat), nbytes=flat.nbytes)
 
     def reduce_scatter_single(self, output, input, opts=None):
-        opts = opts if opts is not None else dist.ReduceScatterOptions()
+        opts = opts if opts is not None else _c10d.ReduceScatterOptions()
         _check_cpu(output, "reduce_scatter output")
         if input.numel() != output.numel() * self._world_size or input.dtype != output.dtype:
             raise ValueError(
@@ -534,7 +606,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
 
     # -- data movement ----------------------------------------------------------
     def broadcast(self, tensors, opts=None):
-        opts = opts if opts is not None else dist.BroadcastOptions()
+        opts = opts if opts is not None else _c10d.BroadcastOptions()
         t = self._single(tensors, "broadcast")
         root = self._root(opts)
         finish = _Finish()
@@ -544,7 +616,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             tensors, opts=opts, finish=finish, keep=(buf,), nbytes=data.numel())
 
     def allgather(self, output_tensors, input_tensors, opts=None):
-        opts = opts if opts is not None else dist.AllgatherOptions()
+        opts = opts if opts is not None else _c10d.AllgatherOptions()
         outs = self._single(output_tensors, "allgather output")
         inp = _contiguous(self._single(input_tensors, "allgather input"), "allgather input")
         self._check_same(outs, inp, "allgather output list")
@@ -558,7 +630,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             nbytes=flat.numel())
 
     def all_gather_single(self, output, input, opts=None):
-        opts = opts if opts is not None else dist.AllgatherOptions()
+        opts = opts if opts is not None else _c10d.AllgatherOptions()
         _check_cpu(output, "all_gather output")
         inp = _contiguous(input, "all_gather input")
         if output.numel() != inp.numel() * self._world_size or output.dtype != inp.dtype:
@@ -582,7 +654,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
     all_gather_single_coalesced = allgather_into_tensor_coalesced
 
     def gather(self, output_tensors, input_tensors, opts=None):
-        opts = opts if opts is not None else dist.GatherOptions()
+        opts = opts if opts is not None else _c10d.GatherOptions()
         root = self._root(opts)
         inp = _contiguous(self._single(input_tensors, "gather input"), "gather input")
         src = _as_bytes(inp)
@@ -599,7 +671,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             nbytes=src.numel() * self._world_size)
 
     def scatter(self, output_tensors, input_tensors, opts=None):
-        opts = opts if opts is not None else dist.ScatterOptions()
+        opts = opts if opts is not None else _c10d.ScatterOptions()
         root = self._root(opts)
         out = self._single(output_tensors, "scatter output")
         _check_cpu(out, "scatter output")
@@ -616,7 +688,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             nbytes=dst.numel() * self._world_size)
 
     def alltoall(self, output_tensors, input_tensors, opts=None):
-        opts = opts if opts is not None else dist.AllToAllOptions()
+        opts = opts if opts is not None else _c10d.AllToAllOptions()
         n = self._world_size
         if len(output_tensors) != n or len(input_tensors) != n:
             raise ValueError(f"fastspawn: alltoall needs {n} input and {n} output tensors")
@@ -628,7 +700,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                                      opts, keep=tuple(ins))
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
-        opts = opts if opts is not None else dist.AllToAllOptions()
+        opts = opts if opts is not None else _c10d.AllToAllOptions()
         n = self._world_size
         _check_cpu(output, "all_to_all output")
         inp = _contiguous(input, "all_to_all input")

@@ -24,8 +24,9 @@ until the keys exist or the timeout passes; ``add`` keeps a decimal counter
 (``get`` of it returns ``b"3"``); ``compare_set`` with an empty ``expected``
 creates a missing key. Timeouts are ``timedelta`` (or seconds); as in torch,
 ``timedelta(0)`` means no limit. A timeout raises :class:`StoreTimeoutError`,
-which is both a ``TimeoutError`` and torch's ``DistStoreError`` (so torch's own
-``except RuntimeError`` retry loops work), and names the missing keys. Limits:
+which is both a ``TimeoutError`` and torch's ``DistStoreError`` (a plain
+``RuntimeError`` on torch 2.1, which has no ``DistStoreError``; either way torch's
+own ``except RuntimeError`` retry loops work), and names the missing keys. Limits:
 keys up to 4096 bytes (UTF-8), values up to 64 MiB (the server's
 ``max_value_size``), 1024 keys per call.
 """
@@ -57,7 +58,12 @@ Value = Union[bytes, bytearray, memoryview, str]
 _ALIVE: Dict[int, "Store"] = {}
 
 
-class StoreTimeoutError(TimeoutError, dist.DistStoreError):
+# What torch's own stores raise on a timeout: DistStoreError (a RuntimeError) in
+# newer torch; torch 2.1 has no such class and raises a plain RuntimeError.
+_DistStoreError = getattr(dist, "DistStoreError", RuntimeError)
+
+
+class StoreTimeoutError(TimeoutError, _DistStoreError):
     """A store call ran out of time. The message names the key(s) it waited for."""
 
 
