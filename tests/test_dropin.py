@@ -5,6 +5,7 @@ import logging
 import multiprocessing.connection
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -185,7 +186,8 @@ def test_tcp_port_taken_by_another_program_fails_at_once(no_leaks):
             fastspawn.spawn(init_with, args=(url,), nprocs=2, start_method="fork")
     assert time.monotonic() - t0 < 20  # not the 60 s timeout
     assert info.value.error_index == 0  # rank 0 hosts; it cannot
-    assert "DistNetworkError" in str(info.value) and "EADDRINUSE" in str(info.value)
+    # torch's own words: "... EADDRINUSE ..." (2.13), "Address already in use" (2.1)
+    assert re.search("EADDRINUSE|Address already in use", str(info.value)), str(info.value)
 
 
 def test_file_path_that_cannot_be_created_fails_at_once(tmp_path, no_leaks):
@@ -194,7 +196,8 @@ def test_file_path_that_cannot_be_created_fails_at_once(tmp_path, no_leaks):
     with pytest.raises(fastspawn.ProcessRaisedException) as info:
         fastspawn.spawn(init_with, args=(url,), nprocs=2, start_method="fork")
     assert time.monotonic() - t0 < 20
-    assert "DistStoreError" in str(info.value) and "missing-dir does not exist" in str(info.value)
+    assert "missing-dir does not exist" in str(info.value)
+    assert "DistStoreError" in str(info.value) or not hasattr(dist, "DistStoreError")
 
 
 def test_env_handler_is_wrapped_on_this_torch():
@@ -385,7 +388,9 @@ def test_torch_names_are_there():
                  "get_sharing_strategy", "get_all_sharing_strategies", "Queue",
                  "SimpleQueue", "Process", "Pipe", "Event"):
         assert hasattr(fastspawn, name), name
-    assert fastspawn.ENV_VAR_PARALLEL_START == torch_mp.ENV_VAR_PARALLEL_START
+    # torch 2.1 has no such name yet; the variable is the same where it does.
+    assert fastspawn.ENV_VAR_PARALLEL_START == getattr(torch_mp, "ENV_VAR_PARALLEL_START",
+                                                       "TORCH_MP_PARALLEL_START")
     with pytest.warns(UserWarning, match="renamed to ProcessContext"):
         fastspawn.SpawnContext(None, 0, "fork", False)
 
