@@ -1,10 +1,8 @@
-/* error.c - the fs_error_t helpers shared by every fastspawn C file. */
+/* error.c - the fs_error_t helpers and the names of status codes (fastspawn/error.h). */
 #include <errno.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 #include "fastspawn.h"
 
@@ -69,43 +67,5 @@ const char *fs_status_name(int code)
     case FS_ENOTFOUND: return "FS_ENOTFOUND";
     case FS_EINTR: return "FS_EINTR";
     default: return "FS_E?";
-    }
-}
-
-int64_t fs_now_ms(void)
-{
-    struct timespec ts;
-    /* CLOCK_MONOTONIC cannot fail with a valid clock id and pointer. */
-    (void)clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-const char *fs_signal_name(int sig)
-{
-    /* sigabbrev_np needs glibc 2.32; keep our own table for portability. */
-    switch (sig) {
-    case SIGHUP: return "SIGHUP";
-    case SIGINT: return "SIGINT";
-    case SIGQUIT: return "SIGQUIT";
-    case SIGILL: return "SIGILL";
-    case SIGTRAP: return "SIGTRAP";
-    case SIGABRT: return "SIGABRT";
-    case SIGBUS: return "SIGBUS";
-    case SIGFPE: return "SIGFPE";
-    case SIGKILL: return "SIGKILL";
-    case SIGUSR1: return "SIGUSR1";
-    case SIGSEGV: return "SIGSEGV";
-    case SIGUSR2: return "SIGUSR2";
-    case SIGPIPE: return "SIGPIPE";
-    case SIGALRM: return "SIGALRM";
-    case SIGTERM: return "SIGTERM";
-    case SIGCHLD: return "SIGCHLD";
-    case SIGCONT: return "SIGCONT";
-    case SIGSTOP: return "SIGSTOP";
-    case SIGTSTP: return "SIGTSTP";
-    case SIGXCPU: return "SIGXCPU";
-    case SIGXFSZ: return "SIGXFSZ";
-    case SIGSYS: return "SIGSYS";
-    default: return NULL;
     }
 }

@@ -1,19 +1,14 @@
 /*
- * py_supervise.c - CPython binding of the supervisor (supervise.c) and the
- * guardian (guardian.c): the _C.Group type and the guardian functions.
+ * py_supervise.c - CPython binding of the supervisor (supervise.c, child.c) and the
+ * process's guardian (guardian.c): the _C.Group type and the guardian functions.
  */
 #include "fs_py.h"
 
-#include <errno.h>
-#include <pthread.h>
 #include <signal.h>
-#include <unistd.h>
 
 typedef struct {
     PyObject_HEAD fs_group_t *group;
 } GroupObject;
-
-static fs_guardian_t guardian = {.pid = 0, .write_fd = -1, .owner = 0};
 
 static int group_check_open(GroupObject *self)
 {
@@ -60,9 +55,10 @@ static PyObject *Group_fork(GroupObject *self, PyObject *args)
         return NULL;
     if (group_check_open(self) < 0)
         return NULL;
-    fs_fork_opts_t opts = {.new_process_group = new_pgrp,
-                           .parent_death_signal = death_signal,
-                           .guardian_fd = -1 /* the atfork handler closes it */};
+    fs_fork_opts_t opts;
+    fs_fork_opts_init(&opts); /* the process guardian needs no guardian_fd: atfork closes it */
+    opts.new_process_group = new_pgrp;
+    opts.parent_death_signal = death_signal;
     fs_error_t err;
     fs_error_clear(&err);
     int wfd = -1;
@@ -292,33 +288,16 @@ static PyTypeObject GroupType = {
 
 /* ---- guardian ------------------------------------------------------- */
 
-static void guardian_after_fork_child(void)
-{
-    /* The launcher's end of the guardian pipe must not live on in children,
-       or the guardian would not see EOF when the launcher dies. */
-    if (guardian.write_fd >= 0)
-        (void)close(guardian.write_fd);
-    guardian.write_fd = -1;
-    guardian.pid = 0;
-}
-
-static int guardian_ensure(fs_error_t *err)
-{
-    if (guardian.write_fd >= 0 && guardian.owner == getpid())
-        return FS_OK;
-    return fs_guardian_start(&guardian, err);
-}
-
 static PyObject *py_guardian_watch(PyObject *Py_UNUSED(m), PyObject *args)
 {
     int pgid;
     if (!PyArg_ParseTuple(args, "i", &pgid))
         return NULL;
     fs_error_t err;
-    fs_error_clear(&err);
-    if (guardian_ensure(&err) < 0 || fs_guardian_watch(&guardian, pgid, &err) < 0)
+    pid_t pid = 0;
+    if (fs_guardian_default_watch(pgid, &pid, &err) < 0)
         return fs_py_raise(&err);
-    return PyLong_FromLong(guardian.pid);
+    return PyLong_FromLong(pid);
 }
 
 static PyObject *py_guardian_unwatch(PyObject *Py_UNUSED(m), PyObject *args)
@@ -326,11 +305,8 @@ static PyObject *py_guardian_unwatch(PyObject *Py_UNUSED(m), PyObject *args)
     int pgid;
     if (!PyArg_ParseTuple(args, "i", &pgid))
         return NULL;
-    if (guardian.write_fd < 0 || guardian.owner != getpid())
-        Py_RETURN_NONE;
     fs_error_t err;
-    fs_error_clear(&err);
-    if (fs_guardian_unwatch(&guardian, pgid, &err) < 0)
+    if (fs_guardian_default_unwatch(pgid, &err) < 0)
         return fs_py_raise(&err);
     Py_RETURN_NONE;
 }
@@ -340,33 +316,33 @@ static PyObject *py_guardian_unwatch(PyObject *Py_UNUSED(m), PyObject *args)
 static PyObject *py_guardian_restart(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 {
     fs_error_t err;
-    fs_error_clear(&err);
-    if (guardian.write_fd >= 0 && guardian.owner == getpid()) {
-        (void)fs_guardian_stop(&guardian, 1000, &err);
-        fs_error_clear(&err);
-    }
-    guardian.write_fd = -1;
-    if (fs_guardian_start(&guardian, &err) < 0)
+    pid_t pid = 0;
+    if (fs_guardian_default_restart(&pid, &err) < 0)
         return fs_py_raise(&err);
-    return PyLong_FromLong(guardian.pid);
+    return PyLong_FromLong(pid);
 }
 
 static PyObject *py_guardian_pid(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 {
-    if (guardian.write_fd < 0 || guardian.owner != getpid())
+    pid_t pid = fs_guardian_default_pid();
+    if (pid == 0)
         Py_RETURN_NONE;
-    return PyLong_FromLong(guardian.pid);
+    return PyLong_FromLong(pid);
 }
 
-/* fork_rank(new_process_group, death_signal) -> pid (0 in the child): one
-   rank forked outside a group, as the zygote does. */
+/* fork_rank(new_process_group, death_signal, report_fd=-1) -> pid (0 in the child): one
+   rank forked outside a group, as the zygote does. A failed child set-up is reported on
+   report_fd (the rank's report pipe) before the child exits. */
 static PyObject *py_fork_rank(PyObject *Py_UNUSED(m), PyObject *args)
 {
-    int new_pgrp, death_signal;
-    if (!PyArg_ParseTuple(args, "pi", &new_pgrp, &death_signal))
+    int new_pgrp, death_signal, report_fd = -1;
+    if (!PyArg_ParseTuple(args, "pi|i", &new_pgrp, &death_signal, &report_fd))
         return NULL;
-    fs_fork_opts_t opts = {
-        .new_process_group = new_pgrp, .parent_death_signal = death_signal, .guardian_fd = -1};
+    fs_fork_opts_t opts;
+    fs_fork_opts_init(&opts);
+    opts.new_process_group = new_pgrp;
+    opts.parent_death_signal = death_signal;
+    opts.report_fd = report_fd;
     fs_error_t err;
     fs_error_clear(&err);
     PyOS_BeforeFork();
@@ -411,7 +387,7 @@ static PyMethodDef supervise_functions[] = {
     {"guardian_restart", py_guardian_restart, METH_NOARGS, "start a new guardian"},
     {"guardian_pid", py_guardian_pid, METH_NOARGS, "this process's guardian pid or None"},
     {"fork_rank", py_fork_rank, METH_VARARGS,
-     "fork_rank(new_process_group, death_signal) -> pid, 0 in the child"},
+     "fork_rank(new_process_group, death_signal, report_fd=-1) -> pid, 0 in the child"},
     {"child_setup", py_child_setup, METH_VARARGS,
      "child_setup(new_process_group, death_signal, expected_ppid)"},
     {"signal_name", py_signal_name, METH_VARARGS, "signal_name(sig) -> 'SIGKILL' or None"},
@@ -420,16 +396,6 @@ static PyMethodDef supervise_functions[] = {
 
 int fs_py_init_supervise(PyObject *module)
 {
-    static int atfork_done;
-    if (!atfork_done) {
-        int rc = pthread_atfork(NULL, NULL, guardian_after_fork_child);
-        if (rc != 0) {
-            errno = rc;
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-        atfork_done = 1;
-    }
     if (PyType_Ready(&GroupType) < 0)
         return -1;
     Py_INCREF(&GroupType);
