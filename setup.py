@@ -12,9 +12,11 @@ Compiler flags come from csrc/flags.mk, which the Makefile includes too:
   FS_SAN_*       added with FASTSPAWN_SANITIZE=1 (make sanitize): ASan + UBSan
 Each combination builds in its own folder (build/clib, build/clib-dev, build/clib-dev-san).
 """
+import contextlib
 import glob
 import os
 import re
+import shutil
 
 from setuptools import Extension, setup
 from setuptools.command.build_clib import build_clib
@@ -48,7 +50,9 @@ EXT_SOURCES = sorted(glob.glob("csrc/python/*.c"))
 
 
 class BuildClib(build_clib):
-    """build_clib into this flag combination's own folder."""
+    """build_clib into this flag combination's own folder, starting afresh when the list
+    of sources or the flags changed (setuptools only compares timestamps, and `ar`
+    would keep the object of a removed source in the archive)."""
 
     def finalize_options(self):
         if self.build_clib is None:
@@ -56,6 +60,22 @@ class BuildClib(build_clib):
         if self.build_temp is None:
             self.build_temp = os.path.join(CLIB_DIR, "obj")
         super().finalize_options()
+
+    def run(self):
+        manifest = os.path.join(self.build_clib, "libfastspawn.manifest")
+        want = "\n".join(LIB_SOURCES + CFLAGS) + "\n"
+        try:
+            with open(manifest) as fh:
+                have = fh.read()
+        except OSError:
+            have = None
+        if have != want:
+            shutil.rmtree(self.build_temp, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.build_clib, "libfastspawn.a"))
+        super().run()
+        with open(manifest, "w") as fh:
+            fh.write(want)
 
 
 class BuildExt(build_ext):

@@ -52,8 +52,8 @@ static int fail_step_from_env(void)
  * Async-signal-safe. fail_step (the test hook) makes that step's call invalid, so the
  * kernel itself rejects it (EINVAL).
  */
-static int run_steps(int new_process_group, int parent_death_signal, pid_t parent,
-                     int fail_step, int *parent_gone)
+static int run_steps(int new_process_group, int parent_death_signal, pid_t parent, int fail_step,
+                     int *parent_gone)
 {
     *parent_gone = 0;
     if (new_process_group) {

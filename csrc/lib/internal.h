@@ -90,10 +90,10 @@ int fs__thread_start(pthread_t *t, void *(*fn)(void *), void *arg);
 struct fs__child_plan {
     int new_process_group;
     int parent_death_signal;
-    pid_t parent;   /* getppid() must still say this once the death signal is armed */
-    int report_fd;  /* where a failed step's record goes; -1: nowhere */
-    int close_fd;   /* one more fd to close (a guardian's launcher end); -1: none */
-    int fail_step;  /* the FS_CHILD_SETUP_FAIL_ENV test hook; FS_SETUP_NONE normally */
+    pid_t parent;  /* getppid() must still say this once the death signal is armed */
+    int report_fd; /* where a failed step's record goes; -1: nowhere */
+    int close_fd;  /* one more fd to close (a guardian's launcher end); -1: none */
+    int fail_step; /* the FS_CHILD_SETUP_FAIL_ENV test hook; FS_SETUP_NONE normally */
 };
 
 /* Parent side, before fork(): the plan for opts (reads the test hook). */

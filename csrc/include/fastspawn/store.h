@@ -16,12 +16,18 @@
 extern "C" {
 #endif
 
-#define FS_STORE_MAX_KEY 4096u  /* bytes in one key */
-#define FS_STORE_MAX_KEYS 1024u /* keys in one request (wait, check, multi_*) */
+#define FS_STORE_MAX_KEY 4096u   /* bytes in one key */
+#define FS_STORE_MAX_KEYS 1024u  /* keys in one request (wait, check, multi_*) */
+#define FS_STORE_MAX_TOKEN 1024u /* bytes in a token */
 #define FS_STORE_DEFAULT_MAX_VALUE ((size_t)64 << 20) /* bytes in one value */
 #define FS_STORE_TOKEN_LEN 64         /* hex characters made by fs_store_make_token */
 #define FS_STORE_DEFAULT_TIMEOUT (-1) /* timeout_ms: the client's default */
 #define FS_STORE_NO_TIMEOUT INT64_MAX /* timeout_ms: wait without limit */
+
+/* Defaults for the options below that are left 0. */
+#define FS_STORE_DEFAULT_CALL_TIMEOUT_MS 300000   /* a client's per-call timeout: 5 min */
+#define FS_STORE_DEFAULT_CONNECT_TIMEOUT_MS 60000 /* connecting, with retries: 60 s */
+#define FS_STORE_DEFAULT_AUTH_TIMEOUT_MS 30000    /* the server waits for HELLO: 30 s */
 
 typedef struct fs_store_server fs_store_server_t;
 
@@ -32,7 +38,8 @@ typedef struct fs_store_server_opts {
     const char *unix_path; /* also listen on a Unix socket: "@name" (abstract), "@" (abstract,
                               named for you) or a path; NULL: TCP only */
     size_t max_value_size; /* 0: FS_STORE_DEFAULT_MAX_VALUE */
-    int auth_timeout_ms;   /* close a connection silent this long before authenticating; 0: 30 s */
+    int auth_timeout_ms;   /* close a connection silent this long before authenticating; 0:
+                              FS_STORE_DEFAULT_AUTH_TIMEOUT_MS */
 } fs_store_server_opts_t;
 
 /*
@@ -62,10 +69,11 @@ typedef struct fs_store_client_opts {
     const char *host; /* address or name; or "unix:PATH" / "unix:@NAME" (port unused) */
     int port;
     const char *token;
-    int64_t connect_timeout_ms; /* keep retrying (backoff) this long; <= 0: 60 s */
-    int64_t timeout_ms;         /* default per-call timeout; <= 0: 300 s */
-    int interruptible;          /* 1: a signal makes blocking calls return FS_EINTR (request
-                                   cancelled; retry with what is left of the deadline) */
+    int64_t connect_timeout_ms; /* keep retrying (backoff) this long; <= 0:
+                                   FS_STORE_DEFAULT_CONNECT_TIMEOUT_MS */
+    int64_t timeout_ms; /* default per-call timeout; <= 0: FS_STORE_DEFAULT_CALL_TIMEOUT_MS */
+    int interruptible;  /* 1: a signal makes blocking calls return FS_EINTR (request
+                           cancelled; retry with what is left of the deadline) */
 } fs_store_client_opts_t;
 
 /* Connect (retrying with exponential backoff until the deadline) and authenticate. */

@@ -59,8 +59,8 @@ typedef struct fs_proc {
     int killed_by_us; /* 1 once the supervisor signalled it */
     int gone;         /* its pidfd fired: exited, even if the status is not known yet */
     fs_exit_t exit;
-    int setup_step;  /* enum fs_setup_step that failed in the child, FS_SETUP_NONE if none */
-    int setup_errno; /* the errno of that failure */
+    int setup_step;        /* enum fs_setup_step that failed in the child, FS_SETUP_NONE if none */
+    int setup_errno;       /* the errno of that failure */
     unsigned char *report; /* bytes the rank wrote to its report pipe */
     size_t report_len, report_cap;
 } fs_proc_t;
