@@ -1,7 +1,7 @@
 /*
- * coll_cpu.c - the collective algorithms on top of the shared segment (shm.c),
- * the per-communicator worker thread that runs queued collectives in order,
- * and the public fs_* collective entry points.
+ * coll_cpu.c - the collective algorithms on top of the shared segment's steps (shm.c).
+ * Only algorithms: the communicator, its worker thread and queue, and the public entry
+ * points are comm.c's.
  *
  * Every algorithm is a sequence of steps (see shm.h). The number of steps
  * depends only on the collective's header (kind, dtype, count, root), the world
@@ -26,7 +26,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "shm.h"
+#include "coll.h"
+#include "internal.h"
 
 static const char *const coll_names[FS_COLL_KIND_COUNT] = {
     "all_reduce", "broadcast", "all_gather", "reduce_scatter", "reduce",
@@ -52,7 +53,7 @@ static int has_root(int kind)
 /* Validation and headers                                             */
 /* ------------------------------------------------------------------ */
 
-int fs_coll_validate(const fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *err)
+int fs__coll_validate(const fs__shm_t *s, const fs_coll_args_t *a, fs_error_t *err)
 {
     if (a == NULL)
         return fs_error_set(err, FS_EINVAL, "collective arguments are NULL");
@@ -70,15 +71,15 @@ int fs_coll_validate(const fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *er
         return fs_error_set(err, FS_EINVAL, "%s: reduce op %s is not supported for %s", name,
                             fs_redop_name(a->op), fs_dtype_name(a->dtype));
     }
-    if (has_root(a->kind) && (a->root < 0 || a->root >= c->world))
+    if (has_root(a->kind) && (a->root < 0 || a->root >= s->world))
         return fs_error_set(err, FS_EINVAL, "%s: root %d is not in 0..%d", name, a->root,
-                            c->world - 1);
-    size_t n = (size_t)c->world;
+                            s->world - 1);
+    size_t n = (size_t)s->world;
     if (a->count > SIZE_MAX / esz / n)
         return fs_error_set(err, FS_ETOOBIG, "%s: %zu elements is too many", name, a->count);
     if (a->count == 0)
         return FS_OK;
-    int is_root = has_root(a->kind) && a->root == c->rank;
+    int is_root = has_root(a->kind) && a->root == s->rank;
     int needs_send, needs_recv;
     switch (a->kind) {
     case FS_COLL_BROADCAST: needs_send = 0, needs_recv = 1; break;
@@ -94,10 +95,10 @@ int fs_coll_validate(const fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *er
     return FS_OK;
 }
 
-static void make_header(const fs_comm_t *c, const fs_coll_args_t *a, struct fs_coll_hdr *h)
+static void make_header(const fs__shm_t *s, const fs_coll_args_t *a, struct fs__coll_hdr *h)
 {
     memset(h, 0, sizeof *h);
-    h->coll_seq = c->coll_seq;
+    h->coll_seq = s->coll_seq;
     h->kind = a->kind;
     if (a->kind == FS_COLL_BARRIER)
         return;
@@ -107,7 +108,7 @@ static void make_header(const fs_comm_t *c, const fs_coll_args_t *a, struct fs_c
     h->root = has_root(a->kind) ? a->root : 0;
 }
 
-static int describe(char *buf, size_t len, const struct fs_coll_hdr *h)
+static int describe(char *buf, size_t len, const struct fs__coll_hdr *h)
 {
     if (h->kind == FS_COLL_BARRIER)
         return snprintf(buf, len, "barrier #%llu", (unsigned long long)h->coll_seq);
@@ -128,9 +129,9 @@ static int describe(char *buf, size_t len, const struct fs_coll_hdr *h)
 /* ------------------------------------------------------------------ */
 
 struct run {
-    fs_comm_t *c;
+    fs__shm_t *s;
     const fs_coll_args_t *a;
-    struct fs_coll_hdr hdr;
+    struct fs__coll_hdr hdr;
     size_t esz;
     int64_t deadline;
     int first; /* the next step is the collective's first */
@@ -140,31 +141,31 @@ struct run {
 /* Start the next step: wait until this rank's buffer for it is free. */
 static int step_begin(struct run *r, uint64_t *step)
 {
-    fs_comm_t *c = r->c;
-    uint64_t k = c->step + 1;
-    int rc = fs_shm_wait_all(c, k - 1, r->deadline, r->err);
+    fs__shm_t *s = r->s;
+    uint64_t k = s->step + 1;
+    int rc = fs__shm_wait_all(s, k - 1, r->deadline, r->err);
     if (rc != FS_OK)
         return rc;
     if (r->first)
-        *fs_shm_hdr_of(c, c->rank, k) = r->hdr;
+        *fs__shm_hdr_of(s, s->rank, k) = r->hdr;
     *step = k;
     return FS_OK;
 }
 
 static int check_headers(struct run *r, uint64_t k)
 {
-    fs_comm_t *c = r->c;
+    fs__shm_t *s = r->s;
     int bad = 0;
-    for (int q = 0; q < c->world && !bad; q++)
-        bad = memcmp(fs_shm_hdr_of(c, q, k), &r->hdr, sizeof r->hdr) != 0;
+    for (int q = 0; q < s->world && !bad; q++)
+        bad = memcmp(fs__shm_hdr_of(s, q, k), &r->hdr, sizeof r->hdr) != 0;
     if (!bad)
         return FS_OK;
     char *msg = r->err->msg;
     size_t len = sizeof r->err->msg;
     int n = snprintf(msg, len, "ranks disagree on the collective:");
-    for (int q = 0; q < c->world && n >= 0 && (size_t)n + 16 < len; q++) {
-        struct fs_coll_hdr h = *fs_shm_hdr_of(c, q, k);
-        if (q > 0 && memcmp(&h, fs_shm_hdr_of(c, 0, k), sizeof h) == 0)
+    for (int q = 0; q < s->world && n >= 0 && (size_t)n + 16 < len; q++) {
+        struct fs__coll_hdr h = *fs__shm_hdr_of(s, q, k);
+        if (q > 0 && memcmp(&h, fs__shm_hdr_of(s, 0, k), sizeof h) == 0)
             continue; /* list rank 0 and the ranks that differ from it */
         n += snprintf(msg + n, len - (size_t)n, " rank %d called ", q);
         if (n >= 0 && (size_t)n < len)
@@ -180,11 +181,11 @@ static int check_headers(struct run *r, uint64_t k)
 /* Post step k; after the collective's first step, wait for all and compare headers. */
 static int step_post(struct run *r, uint64_t k)
 {
-    fs_shm_post(r->c, k);
+    fs__shm_post(r->s, k);
     if (!r->first)
         return FS_OK;
     r->first = 0;
-    int rc = fs_shm_wait_all(r->c, k, r->deadline, r->err);
+    int rc = fs__shm_wait_all(r->s, k, r->deadline, r->err);
     return rc != FS_OK ? rc : check_headers(r, k);
 }
 
@@ -207,7 +208,7 @@ static void copy(void *dst, const void *src, size_t bytes)
 /* Elements per step when each rank packs `per` equal parts into its buffer. */
 static size_t chunk_elems(const struct run *r, size_t per)
 {
-    size_t m = r->c->buf_bytes / (per * r->esz);
+    size_t m = r->s->buf_bytes / (per * r->esz);
     return m > 0 ? m : 1;
 }
 
@@ -228,82 +229,97 @@ static size_t part_start(size_t m, int p, int parts, size_t esz)
 /* Algorithms                                                         */
 /* ------------------------------------------------------------------ */
 
-/* all_reduce (root < 0) or reduce to root. */
-static int do_allreduce(struct run *r, int root)
+/* all_reduce / reduce, small: one step; every rank reduces all N buffers in rank order. */
+static int allreduce_oneshot(struct run *r, int gets_result)
 {
-    fs_comm_t *c = r->c;
+    fs__shm_t *s = r->s;
     const fs_coll_args_t *a = r->a;
     const size_t esz = r->esz, n = a->count;
-    const int N = c->world, me = c->rank;
-    const int gets_result = root < 0 || root == me;
+    const int N = s->world, me = s->rank;
     uint64_t k;
     int rc;
+    if ((rc = step_begin(r, &k)) != FS_OK)
+        return rc;
+    if (n)
+        memcpy(fs__shm_buf(s, me, k), a->send, n * esz);
+    if ((rc = step_post(r, k)) != FS_OK)
+        return rc;
+    if (!gets_result || n == 0)
+        return FS_OK;
+    for (int q = 0; q < N; q++)
+        s->ins[q] = q == me ? a->send : fs__shm_buf(s, q, k);
+    return fs_reduce(a->recv, s->ins, N, n, a->dtype, a->op, r->err);
+}
 
-    if (n * esz <= c->opts.oneshot_max && n * esz <= c->buf_bytes) {
-        if ((rc = step_begin(r, &k)) != FS_OK)
-            return rc;
-        if (n)
-            memcpy(fs_shm_buf(c, me, k), a->send, n * esz);
-        if ((rc = step_post(r, k)) != FS_OK)
-            return rc;
-        if (!gets_result || n == 0)
-            return FS_OK;
-        for (int q = 0; q < N; q++)
-            c->ins[q] = q == me ? a->send : fs_shm_buf(c, q, k);
-        return fs_reduce(a->recv, c->ins, N, n, a->dtype, a->op, r->err);
-    }
-
-    const size_t chunk = chunk_elems(r, 1);
-    for (size_t off = 0; off < n; off += chunk) {
-        const size_t m = n - off < chunk ? n - off : chunk;
-        const size_t ps = part_start(m, me, N, esz), pe = part_start(m, me + 1, N, esz);
-        /* Step A: publish the parts the others reduce; reduce my part. */
-        if ((rc = step_begin(r, &k)) != FS_OK)
-            return rc;
-        unsigned char *mine = fs_shm_buf(c, me, k);
-        for (int p = 0; p < N; p++) {
-            if (p == me)
-                continue;
-            size_t s = part_start(m, p, N, esz), e = part_start(m, p + 1, N, esz);
-            if (e > s)
-                memcpy(AT(mine, s), CAT(a->send, off + s), (e - s) * esz);
-        }
-        if ((rc = step_post(r, k)) != FS_OK)
-            return rc;
-        if ((rc = fs_shm_wait_all(c, k, r->deadline, r->err)) != FS_OK)
-            return rc;
-        uint64_t kb;
-        if ((rc = step_begin(r, &kb)) != FS_OK) /* free at once: all posted k */
-            return rc;
-        unsigned char *res = AT(fs_shm_buf(c, me, kb), ps);
-        /* Reduce into my output (or straight into the buffer when I get no output) in
-         * blocks small enough to copy to the buffer while they are still in cache. */
-        for (size_t s = ps; s < pe; s += SUB_ELEMS(esz)) {
-            size_t len = pe - s < SUB_ELEMS(esz) ? pe - s : SUB_ELEMS(esz);
-            unsigned char *dst = gets_result ? AT(a->recv, off + s) : AT(res, s - ps);
-            for (int q = 0; q < N; q++)
-                c->ins[q] = q == me ? CAT(a->send, off + s) : CAT(fs_shm_buf(c, q, k), s);
-            if ((rc = fs_reduce(dst, c->ins, N, len, a->dtype, a->op, r->err)) != FS_OK)
-                return rc;
-            if (gets_result)
-                memcpy(AT(res, s - ps), dst, len * esz);
-        }
-        /* Step B: publish my reduced part; collect everyone's. */
-        if ((rc = step_post(r, kb)) != FS_OK)
-            return rc;
-        if (!gets_result)
+/*
+ * One chunk [off, off + m) of a large all_reduce / reduce, two steps. A (reduce-scatter):
+ * publish the parts the others reduce; reduce my part from every buffer. B (all-gather):
+ * publish my reduced part; collect everyone's (only ranks that get the result).
+ */
+static int allreduce_chunk(struct run *r, size_t off, size_t m, int gets_result)
+{
+    fs__shm_t *s = r->s;
+    const fs_coll_args_t *a = r->a;
+    const size_t esz = r->esz;
+    const int N = s->world, me = s->rank;
+    const size_t ps = part_start(m, me, N, esz), pe = part_start(m, me + 1, N, esz);
+    uint64_t k, kb;
+    int rc;
+    if ((rc = step_begin(r, &k)) != FS_OK)
+        return rc;
+    unsigned char *mine = fs__shm_buf(s, me, k);
+    for (int p = 0; p < N; p++) {
+        if (p == me)
             continue;
-        if ((rc = fs_shm_wait_all(c, kb, r->deadline, r->err)) != FS_OK)
-            return rc;
-        for (int q = 0; q < N; q++) {
-            size_t s = part_start(m, q, N, esz), e = part_start(m, q + 1, N, esz);
-            if (q != me && e > s)
-                memcpy(AT(a->recv, off + s), CAT(fs_shm_buf(c, q, kb), s), (e - s) * esz);
-        }
+        size_t ss = part_start(m, p, N, esz), e = part_start(m, p + 1, N, esz);
+        if (e > ss)
+            memcpy(AT(mine, ss), CAT(a->send, off + ss), (e - ss) * esz);
     }
-    if (n == 0) /* still one step, for the header check */
-        return step_empty(r, &k);
+    if ((rc = step_post(r, k)) != FS_OK ||
+        (rc = fs__shm_wait_all(s, k, r->deadline, r->err)) != FS_OK)
+        return rc;
+    if ((rc = step_begin(r, &kb)) != FS_OK) /* free at once: all posted k */
+        return rc;
+    unsigned char *res = AT(fs__shm_buf(s, me, kb), ps);
+    /* Reduce into my output (or straight into the buffer when I get no output) in
+     * blocks small enough to copy to the buffer while they are still in cache. */
+    for (size_t ss = ps; ss < pe; ss += SUB_ELEMS(esz)) {
+        size_t len = pe - ss < SUB_ELEMS(esz) ? pe - ss : SUB_ELEMS(esz);
+        unsigned char *dst = gets_result ? AT(a->recv, off + ss) : AT(res, ss - ps);
+        for (int q = 0; q < N; q++)
+            s->ins[q] = q == me ? CAT(a->send, off + ss) : CAT(fs__shm_buf(s, q, k), ss);
+        if ((rc = fs_reduce(dst, s->ins, N, len, a->dtype, a->op, r->err)) != FS_OK)
+            return rc;
+        if (gets_result)
+            memcpy(AT(res, ss - ps), dst, len * esz);
+    }
+    if ((rc = step_post(r, kb)) != FS_OK || !gets_result)
+        return rc;
+    if ((rc = fs__shm_wait_all(s, kb, r->deadline, r->err)) != FS_OK)
+        return rc;
+    for (int q = 0; q < N; q++) {
+        size_t ss = part_start(m, q, N, esz), e = part_start(m, q + 1, N, esz);
+        if (q != me && e > ss)
+            memcpy(AT(a->recv, off + ss), CAT(fs__shm_buf(s, q, kb), ss), (e - ss) * esz);
+    }
     return FS_OK;
+}
+
+/* all_reduce (root < 0) or reduce to root: one-shot when small, else chunk by chunk. */
+static int do_allreduce(struct run *r, int root)
+{
+    fs__shm_t *s = r->s;
+    const size_t bytes = r->a->count * r->esz, n = r->a->count, chunk = chunk_elems(r, 1);
+    const int gets_result = root < 0 || root == s->rank;
+    if (bytes <= s->oneshot_max && bytes <= s->buf_bytes)
+        return allreduce_oneshot(r, gets_result);
+    for (size_t off = 0; off < n; off += chunk) {
+        int rc = allreduce_chunk(r, off, n - off < chunk ? n - off : chunk, gets_result);
+        if (rc != FS_OK)
+            return rc;
+    }
+    uint64_t k;
+    return n == 0 ? step_empty(r, &k) : FS_OK; /* still one step, for the header check */
 }
 
 /*
@@ -312,10 +328,10 @@ static int do_allreduce(struct run *r, int root)
  */
 static int do_whole(struct run *r)
 {
-    fs_comm_t *c = r->c;
+    fs__shm_t *s = r->s;
     const fs_coll_args_t *a = r->a;
     const size_t esz = r->esz, n = a->count, chunk = chunk_elems(r, 1);
-    const int N = c->world, me = c->rank, root = a->root;
+    const int N = s->world, me = s->rank, root = a->root;
     const int bcast = a->kind == FS_COLL_BROADCAST;
     const void *src = bcast && a->send == NULL ? a->recv : a->send;
     const int writes = !bcast || me == root;
@@ -328,20 +344,20 @@ static int do_whole(struct run *r)
         if (rc != FS_OK)
             return rc;
         if (writes && m)
-            memcpy(fs_shm_buf(c, me, k), CAT(src, off), m * esz);
+            memcpy(fs__shm_buf(s, me, k), CAT(src, off), m * esz);
         if ((rc = step_post(r, k)) != FS_OK)
             return rc;
         if (bcast && me == root) {
             copy(AT(a->recv, off), CAT(src, off), m * esz);
         } else if (bcast && m) {
-            if ((rc = fs_shm_wait(c, root, k, r->deadline, r->err)) != FS_OK)
+            if ((rc = fs__shm_wait(s, root, k, r->deadline, r->err)) != FS_OK)
                 return rc;
-            memcpy(AT(a->recv, off), fs_shm_buf(c, root, k), m * esz);
+            memcpy(AT(a->recv, off), fs__shm_buf(s, root, k), m * esz);
         } else if (gathers && m) {
-            if ((rc = fs_shm_wait_all(c, k, r->deadline, r->err)) != FS_OK)
+            if ((rc = fs__shm_wait_all(s, k, r->deadline, r->err)) != FS_OK)
                 return rc;
             for (int q = 0; q < N; q++) {
-                const void *from = q == me ? CAT(src, off) : fs_shm_buf(c, q, k);
+                const void *from = q == me ? CAT(src, off) : fs__shm_buf(s, q, k);
                 copy(AT(a->recv, (size_t)q * n + off), from, m * esz);
             }
         }
@@ -358,9 +374,9 @@ static int do_whole(struct run *r)
  */
 static int do_blocks(struct run *r)
 {
-    fs_comm_t *c = r->c;
+    fs__shm_t *s = r->s;
     const fs_coll_args_t *a = r->a;
-    const int N = c->world, me = c->rank, root = a->root;
+    const int N = s->world, me = s->rank, root = a->root;
     const int scatter = a->kind == FS_COLL_SCATTER;
     const size_t esz = r->esz, n = a->count, chunk = chunk_elems(r, (size_t)N);
     size_t off = 0;
@@ -370,7 +386,7 @@ static int do_blocks(struct run *r)
         int rc = step_begin(r, &k);
         if (rc != FS_OK)
             return rc;
-        unsigned char *mine = fs_shm_buf(c, me, k);
+        unsigned char *mine = fs__shm_buf(s, me, k);
         for (int p = 0; p < N && m && (!scatter || me == root); p++) {
             if (p != me)
                 memcpy(AT(mine, (size_t)p * m), CAT(a->send, (size_t)p * n + off), m * esz);
@@ -382,23 +398,23 @@ static int do_blocks(struct run *r)
             continue;
         }
         if (scatter && me != root)
-            rc = fs_shm_wait(c, root, k, r->deadline, r->err);
+            rc = fs__shm_wait(s, root, k, r->deadline, r->err);
         else if (!scatter)
-            rc = fs_shm_wait_all(c, k, r->deadline, r->err);
+            rc = fs__shm_wait_all(s, k, r->deadline, r->err);
         if (rc != FS_OK)
             return rc;
         for (int q = 0; q < N; q++) /* rank q's chunk of my block */
-            c->ins[q] = q == me ? CAT(a->send, (size_t)me * n + off)
-                                : CAT(fs_shm_buf(c, q, k), (size_t)me * m);
+            s->ins[q] = q == me ? CAT(a->send, (size_t)me * n + off)
+                                : CAT(fs__shm_buf(s, q, k), (size_t)me * m);
         if (a->kind == FS_COLL_REDUCE_SCATTER) {
-            rc = fs_reduce(AT(a->recv, off), c->ins, N, m, a->dtype, a->op, r->err);
+            rc = fs_reduce(AT(a->recv, off), s->ins, N, m, a->dtype, a->op, r->err);
             if (rc != FS_OK)
                 return rc;
         } else if (scatter) {
-            copy(AT(a->recv, off), c->ins[root], m * esz);
+            copy(AT(a->recv, off), s->ins[root], m * esz);
         } else {
             for (int q = 0; q < N; q++)
-                copy(AT(a->recv, (size_t)q * n + off), c->ins[q], m * esz);
+                copy(AT(a->recv, (size_t)q * n + off), s->ins[q], m * esz);
         }
         off += m;
     } while (off < n);
@@ -429,19 +445,19 @@ static int run_alone(struct run *r)
     }
 }
 
-int fs_coll_execute(fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *err)
+int fs__coll_execute(fs__shm_t *s, const fs_coll_args_t *a, int64_t timeout_ms, fs_error_t *err)
 {
-    int rc = fs_shm_check_usable(c, err);
+    int rc = fs__shm_check_usable(s, err);
     if (rc != FS_OK)
         return rc;
-    c->coll_seq++;
-    struct run r = {.c = c, .a = a, .esz = fs_dtype_size(a->dtype), .first = 1, .err = err};
+    s->coll_seq++;
+    struct run r = {.s = s, .a = a, .esz = fs_dtype_size(a->dtype), .first = 1, .err = err};
     if (r.esz == 0)
         r.esz = 1; /* barrier */
-    make_header(c, a, &r.hdr);
-    describe(c->what, sizeof c->what, &r.hdr);
-    r.deadline = fs_now_ms() + c->opts.timeout_ms;
-    if (c->world == 1)
+    make_header(s, a, &r.hdr);
+    describe(s->what, sizeof s->what, &r.hdr);
+    r.deadline = fs__deadline_ms(timeout_ms);
+    if (s->world == 1)
         return run_alone(&r);
     uint64_t k;
     switch (a->kind) {
@@ -456,310 +472,6 @@ int fs_coll_execute(fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *err)
     default: rc = step_empty(&r, &k); break;
     }
     if (rc != FS_OK)
-        fs_shm_fail(c, err);
+        fs__shm_fail(s, err);
     return rc;
-}
-
-/* ------------------------------------------------------------------ */
-/* Worker thread and queue                                            */
-/* ------------------------------------------------------------------ */
-
-static void lock(pthread_mutex_t *m)
-{
-    /* Fails only on a corrupted or wrongly-typed mutex: a bug, not a runtime case. */
-    if (pthread_mutex_lock(m) != 0)
-        abort();
-}
-
-static void unlock(pthread_mutex_t *m)
-{
-    if (pthread_mutex_unlock(m) != 0)
-        abort();
-}
-
-static void *worker_main(void *arg)
-{
-    fs_comm_t *c = arg;
-    lock(&c->qlock);
-    for (;;) {
-        while (c->q_len == 0 && !c->stopping) {
-            if (pthread_cond_wait(&c->q_cv, &c->qlock) != 0)
-                abort();
-        }
-        if (c->q_len == 0)
-            break; /* stopping and drained */
-        struct fs_coll_item item = c->queue[c->q_head];
-        c->q_head = (c->q_head + 1) % c->q_cap;
-        c->q_len--;
-        unlock(&c->qlock);
-
-        fs_error_t e;
-        fs_error_clear(&e);
-        lock(&c->exec_lock);
-        int rc = fs_coll_execute(c, &item.args, &e);
-        unlock(&c->exec_lock);
-
-        lock(&c->qlock);
-        if (rc != FS_OK && c->fail_ticket == 0) {
-            c->fail_ticket = item.ticket;
-            c->ticket_err = e;
-        }
-        c->completed = item.ticket;
-        if (pthread_cond_broadcast(&c->done_cv) != 0)
-            abort();
-    }
-    unlock(&c->qlock);
-    return NULL;
-}
-
-int fs_coll_worker_start(fs_comm_t *c, fs_error_t *err)
-{
-    c->q_cap = 64;
-    c->queue = calloc(c->q_cap, sizeof *c->queue);
-    if (c->queue == NULL)
-        return fs_error_set(err, FS_ENOMEM, "out of memory");
-    /* The worker takes no signals: they stay with the application's threads. */
-    sigset_t all, old;
-    sigfillset(&all);
-    int rc = pthread_sigmask(SIG_SETMASK, &all, &old);
-    if (rc != 0) {
-        errno = rc;
-        return fs_error_sys(err, "pthread_sigmask");
-    }
-    rc = pthread_create(&c->worker, NULL, worker_main, c);
-    int rc2 = pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc != 0) {
-        errno = rc;
-        return fs_error_sys(err, "pthread_create (collectives worker)");
-    }
-    c->has_worker = 1;
-    if (rc2 != 0) {
-        errno = rc2;
-        return fs_error_sys(err, "pthread_sigmask");
-    }
-    return FS_OK;
-}
-
-void fs_coll_worker_stop(fs_comm_t *c)
-{
-    if (!c->has_worker)
-        return;
-    lock(&c->qlock);
-    c->stopping = 1;
-    c->waiters_shutdown = 1;
-    if (pthread_cond_broadcast(&c->q_cv) != 0 || pthread_cond_broadcast(&c->done_cv) != 0)
-        abort();
-    unlock(&c->qlock);
-    int rc = pthread_join(c->worker, NULL);
-    (void)rc; /* EDEADLK/EINVAL would mean destroy ran on the worker itself: a caller bug */
-    c->has_worker = 0;
-}
-
-static int enqueue(fs_comm_t *c, const fs_coll_args_t *a, uint64_t *ticket, fs_error_t *err)
-{
-    if (c->stopping)
-        return fs_error_set(err, FS_ECLOSED, "communicator is being destroyed");
-    if (c->q_len == c->q_cap) {
-        size_t cap = c->q_cap ? c->q_cap * 2 : 64;
-        struct fs_coll_item *q = malloc(cap * sizeof *q);
-        if (q == NULL)
-            return fs_error_set(err, FS_ENOMEM, "out of memory (collective queue)");
-        for (size_t i = 0; i < c->q_len; i++)
-            q[i] = c->queue[(c->q_head + i) % c->q_cap];
-        free(c->queue);
-        c->queue = q;
-        c->q_cap = cap;
-        c->q_head = 0;
-    }
-    struct fs_coll_item *it = &c->queue[(c->q_head + c->q_len) % c->q_cap];
-    it->args = *a;
-    it->ticket = ++c->submitted;
-    c->q_len++;
-    *ticket = it->ticket;
-    if (pthread_cond_signal(&c->q_cv) != 0)
-        abort();
-    return FS_OK;
-}
-
-int fs_comm_submit(fs_comm_t *c, const fs_coll_args_t *a, uint64_t *ticket, fs_error_t *err)
-{
-    if (fs_shm_forked(c))
-        return fs_shm_forked_error(c, err);
-    int rc = fs_coll_validate(c, a, err);
-    if (rc != FS_OK)
-        return rc;
-    if (!c->has_worker)
-        return fs_error_set(err, FS_EINVAL, "communicator was created without a worker thread");
-    lock(&c->qlock);
-    rc = enqueue(c, a, ticket, err);
-    unlock(&c->qlock);
-    return rc;
-}
-
-/* Status of a completed ticket (qlock held). */
-static int ticket_status(fs_comm_t *c, uint64_t t, fs_error_t *err)
-{
-    if (c->fail_ticket == 0 || t < c->fail_ticket)
-        return FS_OK;
-    if (t == c->fail_ticket) {
-        if (err != NULL)
-            *err = c->ticket_err;
-        return c->ticket_err.code;
-    }
-    return fs_error_set(err, FS_EABORTED, "communicator unusable after an earlier error: %s",
-                        c->ticket_err.msg);
-}
-
-int fs_comm_wait(fs_comm_t *c, uint64_t t, int64_t timeout_ms, fs_error_t *err)
-{
-    struct timespec until = {0, 0};
-    if (timeout_ms > 0) {
-        (void)clock_gettime(CLOCK_MONOTONIC, &until);
-        until.tv_sec += (time_t)(timeout_ms / 1000);
-        until.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
-        if (until.tv_nsec >= 1000000000) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000;
-        }
-    }
-    if (fs_shm_forked(c))
-        return fs_shm_forked_error(c, err);
-    lock(&c->qlock);
-    int rc = FS_OK;
-    while (c->completed < t) {
-        if (t > c->submitted && (c->waiters_shutdown || c->stopping)) {
-            rc = fs_error_set(err, FS_ECLOSED, "communicator is shutting down");
-            break;
-        }
-        if (timeout_ms == 0) {
-            rc = fs_error_set(err, FS_ETIMEOUT, "collective %llu is still running",
-                              (unsigned long long)t);
-            break;
-        }
-        int w = timeout_ms < 0 ? pthread_cond_wait(&c->done_cv, &c->qlock)
-                               : pthread_cond_timedwait(&c->done_cv, &c->qlock, &until);
-        if (w == ETIMEDOUT && c->completed < t) {
-            rc = fs_error_set(err, FS_ETIMEOUT, "collective %llu did not finish in %lld ms",
-                              (unsigned long long)t, (long long)timeout_ms);
-            break;
-        }
-        if (w != 0 && w != ETIMEDOUT)
-            abort();
-    }
-    if (rc == FS_OK)
-        rc = ticket_status(c, t, err);
-    unlock(&c->qlock);
-    return rc;
-}
-
-uint64_t fs_comm_completed(fs_comm_t *c)
-{
-    if (fs_shm_forked(c))
-        return 0;
-    lock(&c->qlock);
-    uint64_t done = c->completed;
-    unlock(&c->qlock);
-    return done;
-}
-
-void fs_comm_shutdown_waiters(fs_comm_t *c)
-{
-    if (fs_shm_forked(c))
-        return;
-    lock(&c->qlock);
-    c->waiters_shutdown = 1;
-    if (pthread_cond_broadcast(&c->done_cv) != 0)
-        abort();
-    unlock(&c->qlock);
-}
-
-int fs_comm_run(fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *err)
-{
-    if (fs_shm_forked(c))
-        return fs_shm_forked_error(c, err);
-    int rc = fs_coll_validate(c, a, err);
-    if (rc != FS_OK)
-        return rc;
-    lock(&c->qlock);
-    if (c->q_len == 0 && c->submitted == c->completed) {
-        /* Idle: run here (no thread hand-off); the worker waits on exec_lock if needed. */
-        lock(&c->exec_lock);
-        unlock(&c->qlock);
-        rc = fs_coll_execute(c, a, err);
-        unlock(&c->exec_lock);
-        return rc;
-    }
-    uint64_t t = 0;
-    rc = enqueue(c, a, &t, err);
-    unlock(&c->qlock);
-    return rc != FS_OK ? rc : fs_comm_wait(c, t, -1, err);
-}
-
-/* ------------------------------------------------------------------ */
-/* Convenience wrappers                                               */
-/* ------------------------------------------------------------------ */
-
-static int run_kind(fs_comm_t *c, int kind, const void *send, void *recv, size_t count, int dtype,
-                    int op, int root, fs_error_t *err)
-{
-    fs_coll_args_t a = {.kind = kind,
-                        .dtype = dtype,
-                        .op = op,
-                        .root = root,
-                        .send = send,
-                        .recv = recv,
-                        .count = count};
-    return fs_comm_run(c, &a, err);
-}
-
-int fs_allreduce(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int op,
-                 fs_error_t *err)
-{
-    return run_kind(c, FS_COLL_ALLREDUCE, send, recv, count, dtype, op, 0, err);
-}
-
-int fs_broadcast(fs_comm_t *c, void *buf, size_t count, int dtype, int root, fs_error_t *err)
-{
-    return run_kind(c, FS_COLL_BROADCAST, NULL, buf, count, dtype, 0, root, err);
-}
-
-int fs_allgather(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype,
-                 fs_error_t *err)
-{
-    return run_kind(c, FS_COLL_ALLGATHER, send, recv, count, dtype, 0, 0, err);
-}
-
-int fs_reduce_scatter(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int op,
-                      fs_error_t *err)
-{
-    return run_kind(c, FS_COLL_REDUCE_SCATTER, send, recv, count, dtype, op, 0, err);
-}
-
-int fs_reduce_root(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int op,
-                   int root, fs_error_t *err)
-{
-    return run_kind(c, FS_COLL_REDUCE, send, recv, count, dtype, op, root, err);
-}
-
-int fs_gather(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int root,
-              fs_error_t *err)
-{
-    return run_kind(c, FS_COLL_GATHER, send, recv, count, dtype, 0, root, err);
-}
-
-int fs_scatter(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int root,
-               fs_error_t *err)
-{
-    return run_kind(c, FS_COLL_SCATTER, send, recv, count, dtype, 0, root, err);
-}
-
-int fs_alltoall(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype,
-                fs_error_t *err)
-{
-    return run_kind(c, FS_COLL_ALLTOALL, send, recv, count, dtype, 0, 0, err);
-}
-
-int fs_barrier(fs_comm_t *c, fs_error_t *err)
-{
-    return run_kind(c, FS_COLL_BARRIER, NULL, NULL, 0, 0, 0, 0, err);
 }

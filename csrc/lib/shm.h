@@ -1,7 +1,9 @@
 /*
- * shm.h - internal to shm.c and coll_cpu.c: the shared segment's layout, the
- * communicator object and the step/wait primitives the collectives are built on.
- * Not part of the public API (see fastspawn.h).
+ * shm.h - internal to shm.c, coll_cpu.c and comm.c: the shared segment's layout, one
+ * rank's view of it (fs__shm_t) and the step/wait primitives the collectives are built
+ * on. Not part of the public API (see fastspawn/comm.h). The layers, bottom up:
+ * shm.c (segment, steps, abort word) <- coll_cpu.c (algorithms) <- comm.c (the
+ * communicator, its worker thread and queue, the public entry points).
  *
  * Steps. Every rank has one 64-bit counter `seq`, on its own cache line(s), and a
  * data slot split into two buffers. A collective is a fixed sequence of steps
@@ -24,33 +26,34 @@
 
 #include "fastspawn.h"
 
-#define FS_SHM_MAGIC 0x66732d73686d3031ULL /* "fs-shm01" */
-#define FS_SHM_VERSION 1u
-#define FS_SHM_ALIGN 4096u
+#define FS__SHM_MAGIC 0x66732d73686d3031ULL /* "fs-shm01" */
+#define FS__SHM_VERSION 1u
+#define FS__SHM_ALIGN 4096u
+#define FS__SHM_MIN_SLOT_BYTES ((size_t)2 * FS__SHM_ALIGN)
 
 /* What one rank announces for the collective it runs (both ranks must agree). */
-struct fs_coll_hdr {
+struct fs__coll_hdr {
     uint64_t coll_seq; /* 1 for the communicator's first collective */
     uint64_t count;
     int32_t kind, dtype, op, root; /* fields a kind does not use are 0 */
 };
 
-enum { FS_RANK_FREE = 0, FS_RANK_JOINED = 1, FS_RANK_CLOSED = 2 };
+enum { FS__RANK_FREE = 0, FS__RANK_JOINED = 1, FS__RANK_CLOSED = 2 };
 
 /* One per rank, 128 bytes so that no two ranks' counters share a cache line pair. */
-struct fs_rank_line {
-    _Atomic uint64_t seq;      /* last posted step; its low 32 bits are the futex word */
-    _Atomic uint32_t waiters;  /* peers sleeping on seq: the poster wakes them */
-    _Atomic uint32_t state;    /* FS_RANK_* */
-    struct fs_coll_hdr hdr[2]; /* header of the collective, per buffer parity */
+struct fs__rank_line {
+    _Atomic uint64_t seq;       /* last posted step; its low 32 bits are the futex word */
+    _Atomic uint32_t waiters;   /* peers sleeping on seq: the poster wakes them */
+    _Atomic uint32_t state;     /* FS__RANK_* */
+    struct fs__coll_hdr hdr[2]; /* header of the collective, per buffer parity */
     _Atomic int32_t pid;
-    char pad[128 - 8 - 4 - 4 - 2 * sizeof(struct fs_coll_hdr) - 4];
+    char pad[128 - 8 - 4 - 4 - 2 * sizeof(struct fs__coll_hdr) - 4];
 };
-_Static_assert(sizeof(struct fs_rank_line) == 128, "rank line must be 128 bytes");
+_Static_assert(sizeof(struct fs__rank_line) == 128, "rank line must be 128 bytes");
 
-enum { FS_ABORT_NONE = 0, FS_ABORT_WRITING = 1, FS_ABORT_SET = 2 };
+enum { FS__ABORT_NONE = 0, FS__ABORT_WRITING = 1, FS__ABORT_SET = 2 };
 
-struct fs_shm_hdr {
+struct fs__shm_hdr {
     uint64_t magic;
     uint32_t version;
     uint32_t world_size;
@@ -61,91 +64,75 @@ struct fs_shm_hdr {
     uint64_t oneshot_max;     /* rank 0's choice, so every rank picks the same algorithm */
     _Atomic uint32_t ready;   /* 1 once rank 0 filled this header */
     _Atomic uint32_t nmapped; /* ranks that mapped the segment */
-    _Alignas(64) _Atomic uint32_t abort_word; /* FS_ABORT_*, on its own cache line */
-    int32_t abort_rank;                       /* valid once abort_word == FS_ABORT_SET */
+    _Alignas(64) _Atomic uint32_t abort_word; /* FS__ABORT_*, on its own cache line */
+    int32_t abort_rank;                       /* valid once abort_word == FS__ABORT_SET */
     int32_t abort_code;
     char abort_msg[FS_ERRMSG_LEN];
 };
 
-/* One queued collective. */
-struct fs_coll_item {
-    fs_coll_args_t args;
-    uint64_t ticket;
-};
-
-struct fs_comm {
+/* One rank's view of the segment and the state of its steps. */
+typedef struct fs__shm {
     int rank, world;
-    fs_comm_opts_t opts;
     char name[FS_COMM_NAME_MAX];
+    /* Set by the caller before fs__shm_attach (rank 0's slot_bytes and oneshot_max then
+       win on every rank, from the segment's header). */
+    size_t slot_bytes, buf_bytes, oneshot_max;
+    int64_t spin_ns, yield_ns, liveness_ms, connect_timeout_ms;
+    /* The mapping. */
     void *base;
     size_t map_len;
-    struct fs_shm_hdr *hdr;
-    struct fs_rank_line *lines;
+    struct fs__shm_hdr *hdr;
+    struct fs__rank_line *lines;
     unsigned char *slots;
-    size_t slot_bytes, buf_bytes;
     pid_t *pids;
     int *pidfds; /* -1 where pidfd_open is missing */
-    int64_t spin_ns, yield_ns;
-    unsigned fork_gen; /* fork generation of the creating process (see fs_shm_forked) */
-
-    /* Run state, touched only by the thread holding exec_lock. */
-    pthread_mutex_t exec_lock;
+    /* Run state, touched only by the thread running a collective. */
     uint64_t step;     /* last step this rank posted */
     uint64_t all_seen; /* every rank is known to have posted this step */
     uint64_t coll_seq; /* collectives started */
     const void **ins;  /* world_size input pointers for fs_reduce */
     char what[160];    /* the running collective, for error messages */
-
-    _Atomic int local_abort; /* set by fs_comm_abort / destroy */
-    _Atomic int failed;      /* this rank saw an error; fail_err holds it */
+    /* Failure: the first error this rank saw, and aborts. */
+    _Atomic int local_abort; /* set by fs__shm_abort */
+    _Atomic int failed;      /* fail_err holds the first error */
     pthread_mutex_t fail_lock;
+    int lock_ready; /* fail_lock was initialised */
     fs_error_t fail_err;
+} fs__shm_t;
 
-    /* Worker thread and its queue (coll_cpu.c). */
-    int has_worker;
-    pthread_t worker;
-    pthread_mutex_t qlock;
-    pthread_cond_t q_cv;    /* work arrived or stop */
-    pthread_cond_t done_cv; /* a ticket completed or waiters shut down */
-    struct fs_coll_item *queue;
-    size_t q_cap, q_head, q_len;
-    uint64_t submitted, completed;
-    uint64_t fail_ticket; /* first ticket that failed, 0 if none */
-    fs_error_t ticket_err;
-    int stopping, waiters_shutdown;
-};
+/* Name, rank and world, and the per-rank arrays; the sizes are the caller's to set. */
+int fs__shm_init(fs__shm_t *s, const char *name, int rank, int world, fs_error_t *err);
+/* Create (rank 0) or open the segment, map it, join and wait until every rank has;
+   the name is unlinked then. */
+int fs__shm_attach(fs__shm_t *s, fs_error_t *err);
+/* Leave (peers waiting for this rank then get FS_EPEER), unmap, close, free. forked: in
+   a child forked after attach, where only the memory is ours to release. */
+void fs__shm_release(fs__shm_t *s, int forked);
 
 /* Buffer (step % 2) of rank q's slot, and the header slot for that step. */
-static inline unsigned char *fs_shm_buf(fs_comm_t *c, int q, uint64_t step)
+static inline unsigned char *fs__shm_buf(fs__shm_t *s, int q, uint64_t step)
 {
-    return c->slots + (size_t)q * c->slot_bytes + (size_t)(step & 1) * c->buf_bytes;
+    return s->slots + (size_t)q * s->slot_bytes + (size_t)(step & 1) * s->buf_bytes;
 }
 
-static inline struct fs_coll_hdr *fs_shm_hdr_of(fs_comm_t *c, int q, uint64_t step)
+static inline struct fs__coll_hdr *fs__shm_hdr_of(fs__shm_t *s, int q, uint64_t step)
 {
-    return &c->lines[q].hdr[step & 1];
+    return &s->lines[q].hdr[step & 1];
 }
-
-/* 1 in a child forked after the communicator was created: it has no worker thread and
- * its locks may be held by threads that did not survive the fork. */
-int fs_shm_forked(const fs_comm_t *c);
-int fs_shm_forked_error(const fs_comm_t *c, fs_error_t *err);
 
 /* Post step `step` for this rank and wake peers sleeping on it. */
-void fs_shm_post(fs_comm_t *c, uint64_t step);
+void fs__shm_post(fs__shm_t *s, uint64_t step);
 /* Wait until rank q posted `step` (deadline: fs_now_ms value). */
-int fs_shm_wait(fs_comm_t *c, int q, uint64_t step, int64_t deadline, fs_error_t *err);
+int fs__shm_wait(fs__shm_t *s, int q, uint64_t step, int64_t deadline, fs_error_t *err);
 /* Wait until every rank posted `step`. */
-int fs_shm_wait_all(fs_comm_t *c, uint64_t step, int64_t deadline, fs_error_t *err);
-/* FS_OK, or FS_EABORTED when this communicator failed or was aborted earlier. */
-int fs_shm_check_usable(fs_comm_t *c, fs_error_t *err);
-/* Record err on this rank and abort the communicator for all; returns err->code. */
-int fs_shm_fail(fs_comm_t *c, fs_error_t *err);
-
-/* coll_cpu.c: run one collective (caller holds exec_lock); worker control. */
-int fs_coll_execute(fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *err);
-int fs_coll_validate(const fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *err);
-int fs_coll_worker_start(fs_comm_t *c, fs_error_t *err);
-void fs_coll_worker_stop(fs_comm_t *c);
+int fs__shm_wait_all(fs__shm_t *s, uint64_t step, int64_t deadline, fs_error_t *err);
+/* FS_OK, or FS_EABORTED when this rank failed or the segment was aborted earlier. */
+int fs__shm_check_usable(fs__shm_t *s, fs_error_t *err);
+/* Record err on this rank and abort the segment for all; returns err->code. */
+int fs__shm_fail(fs__shm_t *s, const fs_error_t *err);
+/* Abort from this rank: every pending and later step here and on every peer fails. */
+void fs__shm_abort(fs__shm_t *s, const char *reason);
+/* FS_OK, or the code this rank failed or was aborted with (why says why). */
+int fs__shm_status(fs__shm_t *s, fs_error_t *why);
 
 #endif /* FS_SHM_H */

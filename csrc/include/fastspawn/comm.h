@@ -90,17 +90,23 @@ const char *fs_reduce_isa(void);
 /* 1 if op is defined for dtype (AVG: floating only; BAND/BOR/BXOR: integers and bool). */
 int fs_reduce_supported(int dtype, int op);
 
+/* Defaults for the options below that are left <= 0. */
+#define FS_COMM_DEFAULT_TIMEOUT_MS (30LL * 60 * 1000) /* per collective: 30 minutes */
+#define FS_COMM_DEFAULT_CONNECT_TIMEOUT_MS 60000LL    /* fs_comm_create: 60 s */
+#define FS_COMM_DEFAULT_LIVENESS_MS 100LL             /* a sleeping waiter checks peers */
+
 typedef struct fs_comm_opts {
-    int64_t timeout_ms;         /* per collective; <= 0: 30 minutes */
-    int64_t connect_timeout_ms; /* fs_comm_create; <= 0: 60 s */
+    int64_t timeout_ms;         /* per collective; <= 0: FS_COMM_DEFAULT_TIMEOUT_MS */
+    int64_t connect_timeout_ms; /* fs_comm_create; <= 0: FS_COMM_DEFAULT_CONNECT_TIMEOUT_MS */
     size_t slot_bytes;          /* shared buffer per rank (two halves); 0: default */
     size_t oneshot_max;         /* one-shot all_reduce up to this many bytes; 0: default */
     int64_t spin_ns;            /* spin with pause first; < 0: automatic (cores vs ranks) */
     int64_t yield_ns;           /* then poll with sched_yield before sleeping; < 0: automatic */
-    int64_t liveness_ms;        /* how often a sleeping waiter checks peers; <= 0: 100 */
+    int64_t liveness_ms;        /* how often a sleeping waiter checks peers; <= 0: default */
     int no_worker;              /* 1: no worker thread (fs_comm_submit is refused) */
 } fs_comm_opts_t;
 
+/* The defaults above; spin_ns and yield_ns automatic. */
 void fs_comm_opts_init(fs_comm_opts_t *opts);
 
 typedef struct fs_comm fs_comm_t;
@@ -128,7 +134,7 @@ void fs_comm_destroy(fs_comm_t *comm);
 void fs_comm_abort(fs_comm_t *comm, const char *reason);
 int fs_comm_rank(const fs_comm_t *comm);
 int fs_comm_world_size(const fs_comm_t *comm);
-/* FS_OK, or the code the communicator was aborted with; msg (may be NULL) gets why. */
+/* FS_OK, or the code the communicator was aborted with; why (may be NULL) gets why. */
 int fs_comm_status(fs_comm_t *comm, fs_error_t *why);
 
 typedef struct fs_coll_args {
