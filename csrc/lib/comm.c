@@ -404,7 +404,9 @@ static int ticket_status(fs_comm_t *c, uint64_t t, fs_error_t *err)
 int fs_comm_wait(fs_comm_t *c, uint64_t t, int64_t timeout_ms, fs_error_t *err)
 {
     FS__ERR_OR_LOCAL(err);
-    int64_t until_ns = timeout_ms > 0 ? fs__now_ns() + timeout_ms * 1000000 : 0;
+    int64_t now_ns = fs__now_ns(), until_ns = INT64_MAX;
+    if (timeout_ms > 0 && timeout_ms < (INT64_MAX - now_ns) / 1000000)
+        until_ns = now_ns + timeout_ms * 1000000;
     if (forked(c))
         return forked_error(c, err);
     fs__lock(&c->qlock);

@@ -460,7 +460,7 @@ static int check_header(fs__shm_t *s, size_t size, int64_t deadline, fs_error_t 
 
 int fs__shm_attach(fs__shm_t *s, fs_error_t *err)
 {
-    int64_t deadline = fs_now_ms() + s->connect_timeout_ms;
+    int64_t deadline = fs__deadline_ms(s->connect_timeout_ms);
     size_t lines_off, slots_off, total, size = 0;
     int fd = -1, rc;
     layout(s, &lines_off, &slots_off, &total);

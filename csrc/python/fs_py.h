@@ -1,6 +1,7 @@
 /*
- * fs_py.h - internal header shared by the CPython binding files (module.c,
- * py_*.c). Not part of the public C API: only these files include Python.h.
+ * fs_py.h - internal header shared by the CPython binding files (module.c, py_*.c).
+ * Not part of the public C API: only csrc/python/ includes Python.h; the library
+ * (csrc/lib/) knows nothing of Python.
  */
 #ifndef FS_PY_H
 #define FS_PY_H
@@ -15,11 +16,20 @@ PyObject *fs_py_raise(const fs_error_t *err);
 /* Same, returning -1 (for init functions and converters). */
 int fs_py_raise_int(const fs_error_t *err);
 
-/* Each binding file adds its functions/types to the module. */
+/*
+ * The binding's one conversion of a timeout in seconds (int or float) to milliseconds.
+ * One rounding rule: up to the next whole millisecond (a wait is never cut short; float
+ * noise below a nanosecond is ignored), and a positive time is at least 1 ms. None gives
+ * if_none; math.inf, or 1e12 s (31,700 years) and more, gives if_inf. A negative time,
+ * NaN, or 0 with positive_only raise ValueError naming `what`; a non-number TypeError.
+ * Returns 0, or -1 with the exception set.
+ */
+int fs_py_timeout_ms(PyObject *obj, const char *what, int64_t if_none, int64_t if_inf,
+                     int positive_only, int64_t *ms);
+
+/* Each binding file adds its functions and types to the module (module.c calls them). */
 int fs_py_init_supervise(PyObject *module);
-/* >>> more binding init functions (store, coll) >>> */
 int fs_py_init_store(PyObject *module);
 int fs_py_init_coll(PyObject *module);
-/* <<< more binding init functions <<< */
 
 #endif /* FS_PY_H */

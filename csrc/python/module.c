@@ -1,10 +1,11 @@
 /*
- * module.c - the fastspawn._C extension module: module object, error mapping.
+ * module.c - the fastspawn._C extension module: the module object, the mapping of
+ * FS_E* codes to Python exceptions, and the timeout conversion every binding file uses.
  * The per-concern bindings live in py_*.c and register themselves here.
  */
 #include "fs_py.h"
 
-#include <errno.h>
+#include <math.h>
 
 PyObject *fs_py_raise(const fs_error_t *err)
 {
@@ -42,6 +43,35 @@ int fs_py_raise_int(const fs_error_t *err)
     return -1;
 }
 
+int fs_py_timeout_ms(PyObject *obj, const char *what, int64_t if_none, int64_t if_inf,
+                     int positive_only, int64_t *ms)
+{
+    if (obj == NULL || obj == Py_None) {
+        *ms = if_none;
+        return 0;
+    }
+    if (!PyFloat_Check(obj) && !PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be None or a number of seconds, not %.100s", what,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    double s = PyFloat_AsDouble(obj);
+    if (s == -1.0 && PyErr_Occurred())
+        return -1;
+    if (isnan(s) || s < 0.0 || (positive_only && s == 0.0)) {
+        PyErr_Format(PyExc_ValueError, "%s must be None or a number of seconds %s 0, got %R", what,
+                     positive_only ? ">" : ">=", obj);
+        return -1;
+    }
+    if (s >= 1e12) {
+        *ms = if_inf;
+        return 0;
+    }
+    double v = ceil(s * 1000.0 - 1e-6);
+    *ms = v < 1.0 && s > 0.0 ? 1 : (int64_t)v;
+    return 0;
+}
+
 static struct PyModuleDef fs_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "fastspawn._C",
@@ -49,21 +79,23 @@ static struct PyModuleDef fs_module = {
     .m_size = -1,
 };
 
+/* Every binding file's init function (declared in fs_py.h), in order. */
+static int (*const init_functions[])(PyObject *) = {
+    fs_py_init_supervise,
+    fs_py_init_store,
+    fs_py_init_coll,
+};
+
 PyMODINIT_FUNC PyInit__C(void)
 {
     PyObject *m = PyModule_Create(&fs_module);
     if (m == NULL)
         return NULL;
-    if (fs_py_init_supervise(m) < 0)
-        goto fail;
-    /* >>> more binding init calls >>> */
-    if (fs_py_init_store(m) < 0)
-        goto fail;
-    if (fs_py_init_coll(m) < 0)
-        goto fail;
-    /* <<< more binding init calls <<< */
+    for (size_t i = 0; i < sizeof init_functions / sizeof init_functions[0]; i++) {
+        if (init_functions[i](m) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
     return m;
-fail:
-    Py_DECREF(m);
-    return NULL;
 }

@@ -20,31 +20,10 @@
 /* Argument conversion                                                */
 /* ------------------------------------------------------------------ */
 
-/* Seconds (None / int / float) -> timeout_ms for the C API. */
+/* Seconds (None: the client's default, math.inf: no limit) -> timeout_ms for the C API. */
 static int timeout_arg(PyObject *obj, int64_t *ms)
 {
-    if (obj == NULL || obj == Py_None) {
-        *ms = FS_STORE_DEFAULT_TIMEOUT;
-        return 0;
-    }
-    if (!PyFloat_Check(obj) && !PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError,
-                     "timeout must be a number of seconds (or None for the default), not %.100s",
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    double s = PyFloat_AsDouble(obj);
-    if (s == -1.0 && PyErr_Occurred())
-        return -1;
-    if (isnan(s) || s < 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "timeout must be >= 0 seconds (None: the default, math.inf: no limit), got %R",
-                     obj);
-        return -1;
-    }
-    double v = ceil(s * 1000.0);
-    *ms = v >= 9.2e18 ? FS_STORE_NO_TIMEOUT : (int64_t)v;
-    return 0;
+    return fs_py_timeout_ms(obj, "timeout", FS_STORE_DEFAULT_TIMEOUT, FS_STORE_NO_TIMEOUT, 0, ms);
 }
 
 /* A key: str (UTF-8) or bytes, no NUL, at most FS_STORE_MAX_KEY bytes. The pointer
@@ -185,7 +164,8 @@ static PyObject *bytes_take(void *p, size_t n)
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    PyObject_HEAD fs_store_server_t *srv;
+    PyObject_HEAD
+    fs_store_server_t *srv;
     PyObject *token; /* str */
 } ServerObject;
 
@@ -214,9 +194,11 @@ static PyObject *server_start(ServerObject *self, PyObject *args, PyObject *kw)
     const char *host = NULL, *token = NULL, *unix_path = NULL;
     int port = 0;
     Py_ssize_t max_value = 0;
-    double auth_timeout = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zizznd:start", kwlist, &host, &port, &token,
-                                     &unix_path, &max_value, &auth_timeout))
+    PyObject *auth_obj = Py_None;
+    int64_t auth_ms = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zizznO:start", kwlist, &host, &port, &token,
+                                     &unix_path, &max_value, &auth_obj) ||
+        fs_py_timeout_ms(auth_obj, "auth_timeout", 0, INT32_MAX, 0, &auth_ms) < 0)
         return NULL;
     if (self->srv != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "StoreServer is already running; shutdown() first");
@@ -226,8 +208,8 @@ static PyObject *server_start(ServerObject *self, PyObject *args, PyObject *kw)
         PyErr_Format(PyExc_ValueError, "port must be 0 (any free port) or 1..65535, got %d", port);
         return NULL;
     }
-    if (max_value < 0 || auth_timeout < 0 || isnan(auth_timeout)) {
-        PyErr_SetString(PyExc_ValueError, "max_value_size and auth_timeout must be >= 0");
+    if (max_value < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_value_size must be >= 0");
         return NULL;
     }
     fs_error_t err;
@@ -236,9 +218,10 @@ static PyObject *server_start(ServerObject *self, PyObject *args, PyObject *kw)
         if (fs_store_make_token(made, sizeof made, &err) < 0)
             return fs_py_raise(&err);
         token = made;
-    } else if (token[0] == '\0' || strlen(token) > 1024) {
-        PyErr_SetString(PyExc_ValueError, "token must be 1..1024 characters (or None: one is "
-                                          "made with getrandom)");
+    } else if (token[0] == '\0' || strlen(token) > FS_STORE_MAX_TOKEN) {
+        PyErr_Format(PyExc_ValueError,
+                     "token must be 1..%u characters (or None: one is made with getrandom)",
+                     FS_STORE_MAX_TOKEN);
         return NULL;
     }
     PyObject *tok = PyUnicode_FromString(token);
@@ -250,7 +233,7 @@ static PyObject *server_start(ServerObject *self, PyObject *args, PyObject *kw)
     o.token = token;
     o.unix_path = unix_path;
     o.max_value_size = (size_t)max_value;
-    o.auth_timeout_ms = auth_timeout * 1000 > 2e9 ? 2000000000 : (int)(auth_timeout * 1000);
+    o.auth_timeout_ms = auth_ms > INT32_MAX ? INT32_MAX : (int)auth_ms; /* 0: the default */
     fs_store_server_t *s = NULL;
     int rc;
     PyThreadState *ts = PyEval_SaveThread();
@@ -330,7 +313,7 @@ static PyObject *server_get_num_clients(ServerObject *self, void *c)
 
 static PyMethodDef server_methods[] = {
     {"start", (PyCFunction)(void (*)(void))server_start, METH_VARARGS | METH_KEYWORDS,
-     "start(host=None, port=0, token=None, unix_path=None, max_value_size=0, auth_timeout=0)"
+     "start(host=None, port=0, token=None, unix_path=None, max_value_size=0, auth_timeout=None)"
      " -> (host, port)\n\nStart the server thread. host None binds 127.0.0.1, '' every "
      "address; port 0 picks a free one; token None makes a random one (see .token); "
      "unix_path '@' also listens on an abstract Unix socket named for you."},
@@ -366,19 +349,24 @@ static PyTypeObject ServerType = {
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    PyObject_HEAD fs_store_client_t *c;
+    PyObject_HEAD
+    fs_store_client_t *c;
     /* Serialises calls and the copy out of a value view (get, multi_get): taken with the
      * GIL released and never waited for while holding the GIL, so it cannot deadlock. */
     PyThread_type_lock lock;
     int closed;
 } ClientObject;
 
-static int64_t deadline_of(ClientObject *self, int64_t ms)
+/* now + ms on the fs_now_ms() clock, saturating: INT64_MAX means no limit. */
+static int64_t deadline_of_ms(int64_t ms)
 {
-    if (ms == FS_STORE_DEFAULT_TIMEOUT)
-        ms = fs_store_client_timeout(self->c);
     int64_t now = fs_now_ms();
     return ms > INT64_MAX - now ? INT64_MAX : now + ms;
+}
+
+static int64_t deadline_of(ClientObject *self, int64_t ms)
+{
+    return deadline_of_ms(ms == FS_STORE_DEFAULT_TIMEOUT ? fs_store_client_timeout(self->c) : ms);
 }
 
 static int64_t left_of(int64_t deadline)
@@ -483,11 +471,10 @@ static int client_init(ClientObject *self, PyObject *args, PyObject *kw)
     o.host = host;
     o.port = port;
     o.token = token;
-    o.timeout_ms = 300000; /* replaced below when a timeout was given */
+    o.timeout_ms = 0; /* the C default; replaced below when a timeout was given */
     o.interruptible = 1;
-    int64_t cdl = ctmo == FS_STORE_DEFAULT_TIMEOUT ? fs_now_ms() + 60000
-                  : ctmo > INT64_MAX / 2           ? INT64_MAX
-                                                   : fs_now_ms() + ctmo;
+    int64_t cdl = deadline_of_ms(
+        ctmo == FS_STORE_DEFAULT_TIMEOUT ? FS_STORE_DEFAULT_CONNECT_TIMEOUT_MS : ctmo);
     fs_error_t err;
     fs_store_client_t *c = NULL;
     int rc = FS_OK;

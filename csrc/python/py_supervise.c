@@ -7,7 +7,8 @@
 #include <signal.h>
 
 typedef struct {
-    PyObject_HEAD fs_group_t *group;
+    PyObject_HEAD
+    fs_group_t *group;
 } GroupObject;
 
 static int group_check_open(GroupObject *self)
@@ -40,8 +41,10 @@ static PyObject *Group_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static void Group_dealloc(GroupObject *self)
 {
     if (self->group != NULL) {
-        Py_BEGIN_ALLOW_THREADS fs_group_free(self->group);
-        Py_END_ALLOW_THREADS self->group = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        fs_group_free(self->group);
+        Py_END_ALLOW_THREADS
+        self->group = NULL;
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -122,22 +125,10 @@ static PyObject *Group_attach_status_fd(GroupObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* Convert a timeout in seconds (None: no limit) to milliseconds (-1: none). */
-static int timeout_to_ms(PyObject *obj, int64_t *out)
+/* Seconds (None or math.inf: no limit) to milliseconds (-1: no limit). */
+static int timeout_to_ms(PyObject *obj, const char *what, int64_t *out)
 {
-    if (obj == Py_None) {
-        *out = -1;
-        return 0;
-    }
-    double s = PyFloat_AsDouble(obj);
-    if (s == -1.0 && PyErr_Occurred())
-        return -1;
-    if (!(s >= 0.0)) {
-        PyErr_Format(PyExc_ValueError, "timeout must be None or >= 0 seconds, got %R", obj);
-        return -1;
-    }
-    *out = s > 1e12 ? (int64_t)1e15 : (int64_t)(s * 1000.0 + 0.5);
-    return 0;
+    return fs_py_timeout_ms(obj, what, -1, -1, 0, out);
 }
 
 /* wait(timeout=None) -> number of ranks that exited during the call (0 on
@@ -148,7 +139,7 @@ static PyObject *Group_wait(GroupObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "|O", &timeout_obj) || group_check_open(self) < 0)
         return NULL;
     int64_t timeout_ms;
-    if (timeout_to_ms(timeout_obj, &timeout_ms) < 0)
+    if (timeout_to_ms(timeout_obj, "timeout", &timeout_ms) < 0)
         return NULL;
     int64_t deadline = timeout_ms < 0 ? -1 : fs_now_ms() + timeout_ms;
     for (;;) {
@@ -160,9 +151,10 @@ static PyObject *Group_wait(GroupObject *self, PyObject *args)
         fs_error_t err;
         fs_error_clear(&err);
         int rc;
-        Py_BEGIN_ALLOW_THREADS rc = fs_group_wait(self->group, slice, &err);
-        Py_END_ALLOW_THREADS if (rc == FS_EINTR)
-        {
+        Py_BEGIN_ALLOW_THREADS
+        rc = fs_group_wait(self->group, slice, &err);
+        Py_END_ALLOW_THREADS
+        if (rc == FS_EINTR) {
             if (PyErr_CheckSignals() < 0)
                 return NULL;
             continue;
@@ -181,7 +173,36 @@ static PyObject *Group_running(GroupObject *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLong(fs_group_running(self->group));
 }
 
-/* info(index) -> (pid, state, exit_code, term_signal, exit_order, killed_by_us, gone) */
+/*
+ * info(index) -> RankInfo: a struct sequence whose 7 tuple items are (pid, state,
+ * exit_code, signal, order, killed, gone), so positional unpacking keeps working, with
+ * two more fields by name only: pidfd and setup_error.
+ */
+static PyStructSequence_Field rank_info_fields[] = {
+    {"pid", "the rank's pid (0 before it started)"},
+    {"state", "0 before it started, PROC_RUNNING, then PROC_EXITED"},
+    {"exit_code", "its exit status once it exited, else -1"},
+    {"signal", "the signal that killed it, else 0"},
+    {"order", "1 for the first rank seen to exit, 2 for the next, ...; 0 while it runs"},
+    {"killed", "1 once the supervisor signalled it"},
+    {"gone", "1 once its exit was seen, even if its status is still to come"},
+    {"pidfd", "(by name only) its pidfd, -1 if none: open while it runs, closed once its "
+              "exit is recorded or the group closes; os.dup() it to keep one (a sentinel)"},
+    {"setup_error", "(by name only) None, or why its child-side set-up failed: the step and "
+                    "the errno (it then exited with 127)"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc rank_info_desc = {
+    "fastspawn._C.RankInfo",
+    "What the supervisor knows of one rank (Group.info): a 7-tuple (pid, state, exit_code, "
+    "signal, order, killed, gone), with pidfd and setup_error by name.",
+    rank_info_fields,
+    7,
+};
+
+static PyTypeObject *RankInfoType;
+
 static PyObject *Group_info(GroupObject *self, PyObject *args)
 {
     int index;
@@ -192,8 +213,31 @@ static PyObject *Group_info(GroupObject *self, PyObject *args)
         PyErr_Format(PyExc_IndexError, "rank index %d out of range", index);
         return NULL;
     }
-    return Py_BuildValue("(iiiiiii)", (int)p->pid, p->state, p->exit.exit_code, p->exit.term_signal,
-                         p->exit_order, p->killed_by_us, p->gone);
+    PyObject *info = PyStructSequence_New(RankInfoType);
+    if (info == NULL)
+        return NULL;
+    const long items[] = {(long)p->pid,  p->state,        p->exit.exit_code, p->exit.term_signal,
+                          p->exit_order, p->killed_by_us, p->gone,           p->pidfd};
+    for (Py_ssize_t i = 0; i < (Py_ssize_t)(sizeof items / sizeof items[0]); i++) {
+        PyObject *v = PyLong_FromLong(items[i]);
+        if (v == NULL) {
+            Py_DECREF(info);
+            return NULL;
+        }
+        PyStructSequence_SetItem(info, i, v);
+    }
+    fs_error_t err;
+    PyObject *setup = Py_None;
+    if (fs_group_setup_error(self->group, index, &err) != FS_OK)
+        setup = PyUnicode_FromString(err.msg);
+    else
+        Py_INCREF(setup);
+    if (setup == NULL) {
+        Py_DECREF(info);
+        return NULL;
+    }
+    PyStructSequence_SetItem(info, 8, setup);
+    return info;
 }
 
 static PyObject *Group_report(GroupObject *self, PyObject *args)
@@ -229,15 +273,18 @@ static PyObject *Group_terminate(GroupObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iO", &sig, &grace_obj) || group_check_open(self) < 0)
         return NULL;
     int64_t grace_ms;
-    if (timeout_to_ms(grace_obj, &grace_ms) < 0)
+    if (timeout_to_ms(grace_obj, "grace", &grace_ms) < 0)
         return NULL;
     if (grace_ms < 0 || grace_ms > INT32_MAX)
         grace_ms = INT32_MAX;
     fs_error_t err;
     fs_error_clear(&err);
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = fs_group_terminate(self->group, sig, (int)grace_ms, &err);
-    Py_END_ALLOW_THREADS if (rc < 0) return fs_py_raise(&err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = fs_group_terminate(self->group, sig, (int)grace_ms, &err);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return fs_py_raise(&err);
     Py_RETURN_NONE;
 }
 
@@ -246,7 +293,8 @@ static PyObject *Group_close(GroupObject *self, PyObject *Py_UNUSED(ignored))
     if (self->group != NULL) {
         fs_group_t *g = self->group;
         self->group = NULL;
-        Py_BEGIN_ALLOW_THREADS fs_group_free(g);
+        Py_BEGIN_ALLOW_THREADS
+        fs_group_free(g);
         Py_END_ALLOW_THREADS
     }
     Py_RETURN_NONE;
@@ -267,7 +315,8 @@ static PyMethodDef Group_methods[] = {
      "wait(timeout=None) -> ranks that exited during the call"},
     {"running", (PyCFunction)Group_running, METH_NOARGS, "number of running ranks"},
     {"info", (PyCFunction)Group_info, METH_VARARGS,
-     "info(index) -> (pid, state, exit_code, term_signal, exit_order, killed_by_us, gone)"},
+     "info(index) -> RankInfo(pid, state, exit_code, signal, order, killed, gone), a 7-tuple "
+     "with .pidfd (-1 if none) and .setup_error (None or str) by name"},
     {"report", (PyCFunction)Group_report, METH_VARARGS, "report(index) -> bytes"},
     {"signal", (PyCFunction)Group_signal, METH_VARARGS, "signal(sig): to every running rank"},
     {"terminate", (PyCFunction)Group_terminate, METH_VARARGS,
@@ -396,6 +445,10 @@ static PyMethodDef supervise_functions[] = {
 
 int fs_py_init_supervise(PyObject *module)
 {
+    if (RankInfoType == NULL && (RankInfoType = PyStructSequence_NewType(&rank_info_desc)) == NULL)
+        return -1;
+    if (PyModule_AddObjectRef(module, "RankInfo", (PyObject *)RankInfoType) < 0)
+        return -1;
     if (PyType_Ready(&GroupType) < 0)
         return -1;
     Py_INCREF(&GroupType);

@@ -1,5 +1,5 @@
 /*
- * test_coll.c - shared-memory CPU collectives (shm.c, coll_cpu.c, reduce.c).
+ * test_coll.c - shared-memory CPU collectives (shm.c, coll_cpu.c, comm.c, reduce.c).
  *
  * Each multi-rank test forks its ranks inside the test process; every rank
  * checks its own results against a scalar reference computed in the same rank

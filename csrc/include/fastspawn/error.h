@@ -1,6 +1,20 @@
 /*
  * fastspawn/error.h - status codes and the error record every fastspawn call fills.
  * Part of the public C API; include "fastspawn.h" for all of it.
+ *
+ * Conventions of the whole API (after libuv):
+ *   - every public symbol starts with fs_ / FS_; the library's internal cross-file
+ *     helpers use fs__ / FS__ and are not part of the API;
+ *   - a function that can fail returns an int status: FS_OK (0) or a negative FS_E*
+ *     code (functions returning a pid return the code in its place), and fills the
+ *     caller's fs_error_t with a message that says what went wrong;
+ *   - the fs_error_t pointer may be NULL in every function that takes one: the status
+ *     is then all the caller gets. Where err is filled, err->code is the returned code;
+ *   - functions never print and never exit the process; the one exception is a forked
+ *     child whose set-up fails (see fs_group_fork), which has no caller to return to;
+ *   - a failing pthread mutex or condition variable call (possible only for a corrupted
+ *     object, i.e. a bug) aborts the process, as libuv's uv_mutex_lock does;
+ *   - objects are not thread-safe unless their functions say so.
  */
 #ifndef FASTSPAWN_ERROR_H
 #define FASTSPAWN_ERROR_H
@@ -38,7 +52,7 @@ typedef struct fs_error {
     char msg[FS_ERRMSG_LEN];
 } fs_error_t;
 
-/* Clear *err (code FS_OK, empty message). */
+/* Clear *err (code FS_OK, empty message). These three accept NULL too. */
 void fs_error_clear(fs_error_t *err);
 /* Fill *err and return code, so callers can write `return fs_error_set(...)`. */
 int fs_error_set(fs_error_t *err, int code, const char *fmt, ...)
