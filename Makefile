@@ -15,8 +15,11 @@ LIB_DEPS := $(wildcard csrc/lib/*.c csrc/lib/*.h csrc/include/*.h csrc/include/f
     csrc/flags.mk setup.py
 LIB := build/clib-dev/libfastspawn.a
 LIB_SAN := build/clib-dev-san/libfastspawn.a
+# The C tests may look inside (csrc/lib's private headers); the examples see only the
+# public headers, as any C program using the library would.
 CFLAGS_C := $(FS_CFLAGS) $(FS_DEV_CFLAGS) -Icsrc/include -Icsrc/lib
 CFLAGS_SAN := $(CFLAGS_C) $(FS_SAN_CFLAGS)
+CFLAGS_EX := $(FS_CFLAGS) $(FS_DEV_CFLAGS) -Icsrc/include
 LDLIBS_C := $(FS_LDLIBS) -lm
 CTEST_SRC := $(wildcard tests/c/test_*.c)
 CTEST_BIN := $(patsubst tests/c/%.c,tests/c/bin/%,$(CTEST_SRC))
@@ -54,11 +57,11 @@ tests/c/bin/san_%: tests/c/%.c tests/c/fs_test.h $(LIB_SAN)
 
 examples/c/bin/%: examples/c/%.c $(LIB)
 	@mkdir -p $(@D)
-	$(CC) $(CFLAGS_C) $< $(LIB) $(LDLIBS_C) -o $@
+	$(CC) $(CFLAGS_EX) $< $(LIB) $(LDLIBS_C) -o $@
 
 examples/c/bin/san_%: examples/c/%.c $(LIB_SAN)
 	@mkdir -p $(@D)
-	$(CC) $(CFLAGS_SAN) $< $(LIB_SAN) $(LDLIBS_C) $(FS_SAN_LDFLAGS) -o $@
+	$(CC) $(CFLAGS_EX) $(FS_SAN_CFLAGS) $< $(LIB_SAN) $(LDLIBS_C) $(FS_SAN_LDFLAGS) -o $@
 
 # The C tests, then the C examples (each must exit 0).
 ctest: $(CTEST_BIN) $(EXAMPLE_BIN)
