@@ -277,7 +277,7 @@ static int process_ensure(pid_t *guardian_pid, fs_error_t *err)
     pid_t pid = process_guardian.pid;
     fs__unlock(&process_lock);
     if (!running) {
-        fs_guardian_t fresh;
+        fs_guardian_t fresh = {.pid = 0, .write_fd = -1, .owner = 0};
         if ((rc = fs_guardian_start(&fresh, err)) < 0)
             return rc;
         fs__lock(&process_lock);

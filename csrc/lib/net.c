@@ -118,7 +118,7 @@ int fs__listen_tcp(const char *who, const char *host, int port, int *fd_out,
 int fs__listen_unix(const char *who, const char *name, int *fd_out, fs_error_t *err)
 {
     struct sockaddr_un un;
-    socklen_t len;
+    socklen_t len = 0;
     int rc = fs__unix_addr(who, name, &un, &len, err);
     if (rc < 0)
         return rc;
@@ -184,7 +184,7 @@ int fs__connect(const char *who, const char *host, int port, int64_t deadline, c
     int rc;
     if (strncmp(host, "unix:", 5) == 0) {
         struct sockaddr_un un;
-        socklen_t len;
+        socklen_t len = 0;
         if ((rc = fs__unix_addr(who, host + 5, &un, &len, err)) < 0)
             return rc;
         return connect_addr(who, (struct sockaddr *)&un, len, deadline, shown, fd_out, err);

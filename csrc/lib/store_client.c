@@ -384,20 +384,17 @@ static int check_connect_opts(const fs_store_client_opts_t *opts, fs_error_t *er
     return FS_OK;
 }
 
-/* A client object for opts, not connected yet. */
-static int client_new(const fs_store_client_opts_t *opts, fs_store_client_t **out, fs_error_t *err)
+/* A client object for opts, not connected yet; NULL when out of memory. */
+static fs_store_client_t *client_new(const fs_store_client_opts_t *opts)
 {
     fs_store_client_t *c = calloc(1, sizeof *c);
     if (c == NULL)
-        return fs_error_set(err, FS_ENOMEM, "store connect: out of memory");
+        return NULL;
     c->args = malloc(FS__STORE_MAX_ARGS * sizeof *c->args);
-    int prc = pthread_mutex_init(&c->lock, NULL);
-    if (c->args == NULL || prc != 0) {
+    if (c->args == NULL || pthread_mutex_init(&c->lock, NULL) != 0) {
         free(c->args);
-        if (prc == 0)
-            (void)pthread_mutex_destroy(&c->lock);
         free(c);
-        return fs_error_set(err, FS_ENOMEM, "store connect: out of memory");
+        return NULL;
     }
     c->fd = -1;
     c->owner = getpid();
@@ -412,18 +409,19 @@ static int client_new(const fs_store_client_opts_t *opts, fs_store_client_t **ou
         snprintf(c->addr, sizeof c->addr, "[%s]:%d", opts->host, opts->port);
     else
         snprintf(c->addr, sizeof c->addr, "%s:%d", opts->host, opts->port);
-    *out = c;
-    return FS_OK;
+    return c;
 }
 
 int fs_store_connect(const fs_store_client_opts_t *opts, fs_store_client_t **out, fs_error_t *err)
 {
     FS__ERR_OR_LOCAL(err);
     *out = NULL;
-    fs_store_client_t *c = NULL;
     int rc = check_connect_opts(opts, err);
-    if (rc < 0 || (rc = client_new(opts, &c, err)) < 0)
+    if (rc < 0)
         return rc;
+    fs_store_client_t *c = client_new(opts);
+    if (c == NULL)
+        return fs_error_set(err, FS_ENOMEM, "store connect: out of memory");
     int64_t tmo = opts->connect_timeout_ms > 0 ? opts->connect_timeout_ms
                                                : FS_STORE_DEFAULT_CONNECT_TIMEOUT_MS;
     int64_t deadline = fs__deadline_ms(tmo), backoff = BACKOFF_FIRST_MS;

@@ -31,7 +31,7 @@ int fs__table_init(struct fs__table *t, fs_error_t *err)
     if (fs__getrandom(&t->seed, sizeof t->seed) < 0)
         return fs_error_sys(err, "store server: getrandom");
     t->nbuckets = INITIAL_BUCKETS;
-    t->buckets = calloc(t->nbuckets, sizeof *t->buckets);
+    t->buckets = calloc(t->nbuckets, sizeof(struct fs__entry *));
     if (t->buckets == NULL)
         return fs_error_set(err, FS_ENOMEM, "store server: out of memory");
     return FS_OK;
@@ -64,7 +64,7 @@ struct fs__entry *fs__table_find(struct fs__table *t, const uint8_t *k, size_t n
 static void table_grow(struct fs__table *t)
 {
     size_t nb = t->nbuckets * 2;
-    struct fs__entry **b = calloc(nb, sizeof *b);
+    struct fs__entry **b = calloc(nb, sizeof(struct fs__entry *));
     if (b == NULL)
         return; /* keep the smaller table: slower, still correct */
     for (size_t i = 0; i < t->nbuckets; i++) {

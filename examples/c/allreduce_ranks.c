@@ -103,7 +103,7 @@ int main(void)
     /* Every rank holds sum over ranks (r + 1) * (i % 7) for every i. */
     double want = 0;
     for (int i = 0; i < COUNT; i++)
-        want += (double)(NRANKS * (NRANKS + 1) / 2) * (i % 7);
+        want += (double)(i % 7) * NRANKS * (NRANKS + 1) / 2.0;
     int bad = 0;
     for (int r = 0; r < NRANKS; r++) {
         const fs_proc_t *p = fs_group_proc(group, r);

@@ -45,8 +45,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     while (off < size) {
         fs__store_msg_t m;
         fs_error_t e;
-        int64_t n = fs__store_parse_frame(data + off, size - off, max_frame, args, FS__STORE_MAX_ARGS,
-                                         &m, &e);
+        int64_t n = fs__store_parse_frame(data + off, size - off, max_frame, args,
+                                          FS__STORE_MAX_ARGS, &m, &e);
         if (n <= 0) {
             if (n < 0 && (e.code != (int)n || e.msg[0] == '\0'))
                 abort(); /* errors must say what went wrong */
@@ -55,10 +55,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if ((size_t)n > size - off || (size_t)n > max_frame)
             abort();
         /* Any prefix of a complete frame is "need more", never an error or a frame. */
-        if (fs__store_parse_frame(data + off, (size_t)n - 1, max_frame, args, FS__STORE_MAX_ARGS, &m,
-                                 &e) > 0)
+        if (fs__store_parse_frame(data + off, (size_t)n - 1, max_frame, args, FS__STORE_MAX_ARGS,
+                                  &m, &e) > 0)
             abort();
-        n = fs__store_parse_frame(data + off, (size_t)n, max_frame, args, FS__STORE_MAX_ARGS, &m, &e);
+        n = fs__store_parse_frame(data + off, (size_t)n, max_frame, args, FS__STORE_MAX_ARGS, &m,
+                                  &e);
         check_reencode(data + off, (size_t)n, &m);
         if (fs__store_check_request(&m, max_value, &e) == FS_OK) {
             for (unsigned i = 0; i < m.nargs; i++) {
