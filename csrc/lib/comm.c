@@ -371,12 +371,18 @@ static int enqueue(fs_comm_t *c, const fs_coll_args_t *a, uint64_t *ticket, fs_e
     return FS_OK;
 }
 
+/* What every call that runs a collective checks first. */
+static int check_call(fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *err)
+{
+    if (forked(c))
+        return forked_error(c, err);
+    return fs__coll_validate(&c->shm, a, err);
+}
+
 int fs_comm_submit(fs_comm_t *c, const fs_coll_args_t *a, uint64_t *ticket, fs_error_t *err)
 {
     FS__ERR_OR_LOCAL(err);
-    if (forked(c))
-        return forked_error(c, err);
-    int rc = fs__coll_validate(&c->shm, a, err);
+    int rc = check_call(c, a, err);
     if (rc != FS_OK)
         return rc;
     if (!c->has_worker)
@@ -459,9 +465,7 @@ void fs_comm_shutdown_waiters(fs_comm_t *c)
 int fs_comm_run(fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *err)
 {
     FS__ERR_OR_LOCAL(err);
-    if (forked(c))
-        return forked_error(c, err);
-    int rc = fs__coll_validate(&c->shm, a, err);
+    int rc = check_call(c, a, err);
     if (rc != FS_OK)
         return rc;
     fs__lock(&c->qlock);

@@ -355,7 +355,9 @@ int fs_group_wait(fs_group_t *g, int timeout_ms, fs_error_t *err)
         int n = epoll_wait(g->epfd, events, 64, wait_ms);
         if (n < 0) {
             if (errno == EINTR)
-                return exited_count(g) > before ? exited_count(g) - before : FS_EINTR;
+                return exited_count(g) > before
+                           ? exited_count(g) - before
+                           : fs_error_set(err, FS_EINTR, "interrupted by a signal");
             return fs_error_sys(err, "epoll_wait");
         }
         for (int i = 0; i < n; i++) {

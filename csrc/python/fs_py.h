@@ -27,6 +27,9 @@ int fs_py_raise_int(const fs_error_t *err);
 int fs_py_timeout_ms(PyObject *obj, const char *what, int64_t if_none, int64_t if_inf,
                      int positive_only, int64_t *ms);
 
+/* PyType_Ready the static type t and add it to the module as `name`; 0 or -1. */
+int fs_py_add_type(PyObject *module, PyTypeObject *t, const char *name);
+
 /* Each binding file adds its functions and types to the module (module.c calls them). */
 int fs_py_init_supervise(PyObject *module);
 int fs_py_init_store(PyObject *module);

@@ -72,6 +72,13 @@ int fs_py_timeout_ms(PyObject *obj, const char *what, int64_t if_none, int64_t i
     return 0;
 }
 
+int fs_py_add_type(PyObject *module, PyTypeObject *t, const char *name)
+{
+    if (PyType_Ready(t) < 0)
+        return -1;
+    return PyModule_AddObjectRef(module, name, (PyObject *)t);
+}
+
 static struct PyModuleDef fs_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "fastspawn._C",

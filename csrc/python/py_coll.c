@@ -322,14 +322,8 @@ static PyMethodDef coll_functions[] = {
 
 int fs_py_init_coll(PyObject *module)
 {
-    if (PyType_Ready(&CommType) < 0)
-        return -1;
-    Py_INCREF(&CommType);
-    if (PyModule_AddObject(module, "Comm", (PyObject *)&CommType) < 0) {
-        Py_DECREF(&CommType);
-        return -1;
-    }
-    if (PyModule_AddFunctions(module, coll_functions) < 0)
+    if (fs_py_add_type(module, &CommType, "Comm") < 0 ||
+        PyModule_AddFunctions(module, coll_functions) < 0)
         return -1;
     static const struct {
         const char *name;

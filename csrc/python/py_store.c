@@ -947,22 +947,10 @@ static PyMethodDef store_functions[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static int add_type(PyObject *module, PyTypeObject *t, const char *name)
-{
-    if (PyType_Ready(t) < 0)
-        return -1;
-    Py_INCREF(t);
-    if (PyModule_AddObject(module, name, (PyObject *)t) < 0) {
-        Py_DECREF(t);
-        return -1;
-    }
-    return 0;
-}
-
 int fs_py_init_store(PyObject *module)
 {
-    if (add_type(module, &ServerType, "StoreServer") < 0 ||
-        add_type(module, &ClientType, "StoreClient") < 0 ||
+    if (fs_py_add_type(module, &ServerType, "StoreServer") < 0 ||
+        fs_py_add_type(module, &ClientType, "StoreClient") < 0 ||
         PyModule_AddFunctions(module, store_functions) < 0 ||
         PyModule_AddIntConstant(module, "STORE_MAX_KEY", FS_STORE_MAX_KEY) < 0 ||
         PyModule_AddIntConstant(module, "STORE_MAX_KEYS", FS_STORE_MAX_KEYS) < 0 ||

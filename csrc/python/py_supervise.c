@@ -203,16 +203,23 @@ static PyStructSequence_Desc rank_info_desc = {
 
 static PyTypeObject *RankInfoType;
 
+/* The rank `index` that args (one int) name: NULL with IndexError when out of range. */
+static const fs_proc_t *proc_arg(GroupObject *self, PyObject *args, int *index)
+{
+    if (!PyArg_ParseTuple(args, "i", index) || group_check_open(self) < 0)
+        return NULL;
+    const fs_proc_t *p = fs_group_proc(self->group, *index);
+    if (p == NULL)
+        PyErr_Format(PyExc_IndexError, "rank index %d out of range", *index);
+    return p;
+}
+
 static PyObject *Group_info(GroupObject *self, PyObject *args)
 {
     int index;
-    if (!PyArg_ParseTuple(args, "i", &index) || group_check_open(self) < 0)
+    const fs_proc_t *p = proc_arg(self, args, &index);
+    if (p == NULL)
         return NULL;
-    const fs_proc_t *p = fs_group_proc(self->group, index);
-    if (p == NULL) {
-        PyErr_Format(PyExc_IndexError, "rank index %d out of range", index);
-        return NULL;
-    }
     PyObject *info = PyStructSequence_New(RankInfoType);
     if (info == NULL)
         return NULL;
@@ -243,13 +250,9 @@ static PyObject *Group_info(GroupObject *self, PyObject *args)
 static PyObject *Group_report(GroupObject *self, PyObject *args)
 {
     int index;
-    if (!PyArg_ParseTuple(args, "i", &index) || group_check_open(self) < 0)
+    const fs_proc_t *p = proc_arg(self, args, &index);
+    if (p == NULL)
         return NULL;
-    const fs_proc_t *p = fs_group_proc(self->group, index);
-    if (p == NULL) {
-        PyErr_Format(PyExc_IndexError, "rank index %d out of range", index);
-        return NULL;
-    }
     return PyBytes_FromStringAndSize((const char *)p->report, (Py_ssize_t)p->report_len);
 }
 
@@ -449,14 +452,8 @@ int fs_py_init_supervise(PyObject *module)
         return -1;
     if (PyModule_AddObjectRef(module, "RankInfo", (PyObject *)RankInfoType) < 0)
         return -1;
-    if (PyType_Ready(&GroupType) < 0)
-        return -1;
-    Py_INCREF(&GroupType);
-    if (PyModule_AddObject(module, "Group", (PyObject *)&GroupType) < 0) {
-        Py_DECREF(&GroupType);
-        return -1;
-    }
-    if (PyModule_AddFunctions(module, supervise_functions) < 0)
+    if (fs_py_add_type(module, &GroupType, "Group") < 0 ||
+        PyModule_AddFunctions(module, supervise_functions) < 0)
         return -1;
     if (PyModule_AddIntConstant(module, "PROC_RUNNING", FS_PROC_RUNNING) < 0 ||
         PyModule_AddIntConstant(module, "PROC_EXITED", FS_PROC_EXITED) < 0)
