@@ -30,9 +30,37 @@ int fs_py_timeout_ms(PyObject *obj, const char *what, int64_t if_none, int64_t i
 /* PyType_Ready the static type t and add it to the module as `name`; 0 or -1. */
 int fs_py_add_type(PyObject *module, PyTypeObject *t, const char *name);
 
+/* ---- store arguments (py_store.c) ------------------------------------------------- */
+
+/* A key: str (UTF-8) or bytes, no NUL, at most FS_STORE_MAX_KEY bytes; NULL with the
+   exception set. The pointer stays valid while obj is alive (str caches its UTF-8). */
+const char *fs_py_key_arg(PyObject *obj, const char *what);
+
+/* A value: str (UTF-8) or any bytes-like object. Release with fs_py_value_release. */
+struct fs_py_value {
+    Py_buffer view;
+    int have_view;
+    const void *p;
+    size_t len;
+};
+
+int fs_py_value_arg(PyObject *obj, struct fs_py_value *v, const char *what);
+void fs_py_value_release(struct fs_py_value *v);
+
+/* A sequence of keys -> a tuple (kept alive by the caller) and a C array. */
+struct fs_py_keys {
+    PyObject *tuple;
+    const char **ptrs;
+    size_t n;
+};
+
+int fs_py_keys_arg(PyObject *obj, struct fs_py_keys *k);
+void fs_py_keys_release(struct fs_py_keys *k);
+
 /* Each binding file adds its functions and types to the module (module.c calls them). */
 int fs_py_init_supervise(PyObject *module);
 int fs_py_init_store(PyObject *module);
+int fs_py_init_store_client(PyObject *module);
 int fs_py_init_coll(PyObject *module);
 
 #endif /* FS_PY_H */

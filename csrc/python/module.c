@@ -90,6 +90,7 @@ static struct PyModuleDef fs_module = {
 static int (*const init_functions[])(PyObject *) = {
     fs_py_init_supervise,
     fs_py_init_store,
+    fs_py_init_store_client,
     fs_py_init_coll,
 };
 
