@@ -231,27 +231,32 @@ static int peer_state(fs__shm_t *s, int q)
     return zombie_by_proc(s->pids[q]) ? PEER_EXITED : PEER_ALIVE;
 }
 
+/* The cheap phases of a wait: spin with pause for spin_ns, then poll with sched_yield
+   for yield_ns. 1 when l posted step by then; 0 to go on sleeping (or an abort came). */
+static int spin_for(fs__shm_t *s, struct fs__rank_line *l, uint64_t step)
+{
+    if (s->spin_ns <= 0 && s->yield_ns <= 0)
+        return 0;
+    int64_t t0 = fs__now_ns(), spin_end = t0 + s->spin_ns, yield_end = spin_end + s->yield_ns;
+    for (unsigned i = 1;; i++) {
+        cpu_relax();
+        if (atomic_load_explicit(&l->seq, memory_order_acquire) >= step)
+            return 1;
+        if ((i & 63) == 0 || i > 4096) {
+            int64_t t = fs__now_ns();
+            if (t >= yield_end || atomic_load_explicit(&s->hdr->abort_word, memory_order_relaxed))
+                return 0;
+            if (t >= spin_end)
+                (void)sched_yield(); /* cannot fail on Linux */
+        }
+    }
+}
+
 int fs__shm_wait(fs__shm_t *s, int q, uint64_t step, int64_t deadline, fs_error_t *err)
 {
     struct fs__rank_line *l = &s->lines[q];
-    if (atomic_load_explicit(&l->seq, memory_order_acquire) >= step)
+    if (atomic_load_explicit(&l->seq, memory_order_acquire) >= step || spin_for(s, l, step))
         return FS_OK;
-    if (s->spin_ns > 0 || s->yield_ns > 0) {
-        int64_t t0 = fs__now_ns(), spin_end = t0 + s->spin_ns, yield_end = spin_end + s->yield_ns;
-        for (unsigned i = 1;; i++) {
-            cpu_relax();
-            if (atomic_load_explicit(&l->seq, memory_order_acquire) >= step)
-                return FS_OK;
-            if ((i & 63) == 0 || i > 4096) {
-                int64_t t = fs__now_ns();
-                if (t >= yield_end ||
-                    atomic_load_explicit(&s->hdr->abort_word, memory_order_relaxed))
-                    break;
-                if (t >= spin_end)
-                    (void)sched_yield(); /* cannot fail on Linux */
-            }
-        }
-    }
     int64_t start = fs_now_ms(), last_check = start;
     for (;;) {
         /* Data a peer posted before an abort is still good: look at seq first. */
@@ -458,18 +463,46 @@ static int check_header(fs__shm_t *s, size_t size, int64_t deadline, fs_error_t 
     return FS_OK;
 }
 
-int fs__shm_attach(fs__shm_t *s, fs_error_t *err)
+/* Rank 0: fill the segment's header, then publish it (ready). */
+static void write_header(fs__shm_t *s, size_t lines_off, size_t slots_off, size_t total)
 {
-    int64_t deadline = fs__deadline_ms(s->connect_timeout_ms);
-    size_t lines_off, slots_off, total, size = 0;
-    int fd = -1, rc;
-    layout(s, &lines_off, &slots_off, &total);
-    if (s->rank == 0) {
-        rc = create_segment(s, &fd, total, err);
-        size = total;
-    } else {
-        rc = open_segment(s, &fd, &size, deadline, err);
+    struct fs__shm_hdr *h = s->hdr;
+    h->magic = FS__SHM_MAGIC;
+    h->version = FS__SHM_VERSION;
+    h->world_size = (uint32_t)s->world;
+    h->slot_bytes = s->slot_bytes;
+    h->total_bytes = total;
+    h->lines_off = lines_off;
+    h->slots_off = slots_off;
+    h->oneshot_max = s->oneshot_max;
+    atomic_store_explicit(&h->ready, 1, memory_order_release);
+}
+
+/* The other ranks: wait for rank 0's header, check it, take its sizes. */
+static int read_header(fs__shm_t *s, size_t size, int64_t deadline, size_t *lines_off,
+                       size_t *slots_off, fs_error_t *err)
+{
+    int rc = check_header(s, size, deadline, err);
+    if (rc != FS_OK) {
+        if (rc != FS_EMISMATCH)
+            s->hdr = NULL; /* do not touch a segment we do not understand */
+        return rc;         /* a world size mismatch aborts it for rank 0 too */
     }
+    s->slot_bytes = s->hdr->slot_bytes;
+    s->buf_bytes = s->slot_bytes / 2;
+    s->oneshot_max = s->hdr->oneshot_max;
+    *lines_off = s->hdr->lines_off;
+    *slots_off = s->hdr->slots_off;
+    return FS_OK;
+}
+
+/* Create (rank 0) or open the segment and map it. */
+static int map_segment(fs__shm_t *s, size_t total, int64_t deadline, fs_error_t *err)
+{
+    size_t size = total;
+    int fd = -1;
+    int rc = s->rank == 0 ? create_segment(s, &fd, total, err)
+                          : open_segment(s, &fd, &size, deadline, err);
     if (rc != FS_OK)
         return rc;
     void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -489,32 +522,23 @@ int fs__shm_attach(fs__shm_t *s, fs_error_t *err)
     s->base = base;
     s->map_len = size;
     s->hdr = base;
-    if (s->rank == 0) {
-        struct fs__shm_hdr *h = s->hdr;
-        h->magic = FS__SHM_MAGIC;
-        h->version = FS__SHM_VERSION;
-        h->world_size = (uint32_t)s->world;
-        h->slot_bytes = s->slot_bytes;
-        h->total_bytes = total;
-        h->lines_off = lines_off;
-        h->slots_off = slots_off;
-        h->oneshot_max = s->oneshot_max;
-        atomic_store_explicit(&h->ready, 1, memory_order_release);
-    } else {
-        rc = check_header(s, size, deadline, err);
-        if (rc != FS_OK) {
-            if (rc != FS_EMISMATCH)
-                s->hdr = NULL; /* do not touch a segment we do not understand */
-            return rc;         /* a world size mismatch aborts it for rank 0 too */
-        }
-        s->slot_bytes = s->hdr->slot_bytes;
-        s->buf_bytes = s->slot_bytes / 2;
-        s->oneshot_max = s->hdr->oneshot_max;
-        lines_off = s->hdr->lines_off;
-        slots_off = s->hdr->slots_off;
-    }
-    s->lines = (struct fs__rank_line *)(void *)((unsigned char *)base + lines_off);
-    s->slots = (unsigned char *)base + slots_off;
+    return FS_OK;
+}
+
+int fs__shm_attach(fs__shm_t *s, fs_error_t *err)
+{
+    int64_t deadline = fs__deadline_ms(s->connect_timeout_ms);
+    size_t lines_off, slots_off, total;
+    layout(s, &lines_off, &slots_off, &total);
+    int rc = map_segment(s, total, deadline, err);
+    if (rc != FS_OK)
+        return rc;
+    if (s->rank == 0)
+        write_header(s, lines_off, slots_off, total);
+    else if ((rc = read_header(s, s->map_len, deadline, &lines_off, &slots_off, err)) != FS_OK)
+        return rc;
+    s->lines = (struct fs__rank_line *)(void *)((unsigned char *)s->base + lines_off);
+    s->slots = (unsigned char *)s->base + slots_off;
     rc = join_segment(s, deadline, err);
     if (rc != FS_OK) {
         if (s->rank == 0 || rc == FS_ETIMEOUT)
