@@ -765,6 +765,35 @@ FS_TEST(test_barrier)
     fs_store_server_stop(s);
 }
 
+/* err may be NULL everywhere (fastspawn/error.h), timeouts that name keys included. */
+FS_TEST(test_null_error_pointers_are_accepted)
+{
+    fs_store_server_t *s = start_server(0, NULL);
+    fs_store_client_t *c = client(s);
+    const char *keys[] = {"never"};
+    void *v = NULL;
+    size_t n = 0;
+    int64_t r = 0;
+    FS_CHECK_EQ(fs_store_set(c, "k", "1", 1, 1000, NULL), FS_OK);
+    FS_CHECK_EQ(fs_store_add(c, "k", 1, &r, 1000, NULL), FS_OK);
+    FS_CHECK_EQ(r, 2);
+    FS_CHECK_EQ(fs_store_get(c, "never", &v, &n, 50, NULL), FS_ETIMEOUT);
+    FS_CHECK_EQ(fs_store_wait(c, keys, 1, 50, NULL), FS_ETIMEOUT);
+    FS_CHECK_EQ(fs_store_barrier(c, "b", 2, 0, 50, NULL), FS_ETIMEOUT);
+    FS_CHECK_EQ(fs_store_add(c, "k", INT64_MAX, &r, 1000, NULL), FS_EINVAL);
+    fs_store_client_opts_t o = {0};
+    fs_store_client_t *none = NULL;
+    FS_CHECK_EQ(fs_store_connect(&o, &none, NULL), FS_EINVAL);
+    o.host = "unix:@fastspawn-test-nobody-here";
+    o.token = TOKEN;
+    o.connect_timeout_ms = 50;
+    FS_CHECK_EQ(fs_store_connect(&o, &none, NULL), FS_ETIMEOUT);
+    FS_CHECK_EQ(fs_store_server_check(s, NULL), FS_OK);
+    fs_store_close(c);
+    fs_store_server_stop(s);
+    FS_CHECK_EQ(fs_store_server_start(NULL, &s, NULL), FS_EINVAL);
+}
+
 FS_TEST(test_barrier_timeout_names_missing_ranks)
 {
     fs_store_server_t *s = start_server(0, NULL);
