@@ -15,17 +15,23 @@ void fs_error_clear(fs_error_t *err)
     err->msg[0] = '\0';
 }
 
+/* Fill err (not NULL) from fmt; the code and errno of the record. */
+static void vfill(fs_error_t *err, int code, int sys_errno, const char *fmt, va_list ap)
+{
+    if (vsnprintf(err->msg, sizeof err->msg, fmt, ap) < 0)
+        err->msg[0] = '\0';
+    err->code = code;
+    err->sys_errno = sys_errno;
+}
+
 int fs_error_set(fs_error_t *err, int code, const char *fmt, ...)
 {
     if (err == NULL)
         return code;
     va_list ap;
     va_start(ap, fmt);
-    if (vsnprintf(err->msg, sizeof err->msg, fmt, ap) < 0)
-        err->msg[0] = '\0';
+    vfill(err, code, 0, fmt, ap);
     va_end(ap);
-    err->code = code;
-    err->sys_errno = 0;
     return code;
 }
 
@@ -36,16 +42,13 @@ int fs_error_sys(fs_error_t *err, const char *fmt, ...)
         return FS_ESYS;
     va_list ap;
     va_start(ap, fmt);
-    if (vsnprintf(err->msg, sizeof err->msg, fmt, ap) < 0)
-        err->msg[0] = '\0';
+    vfill(err, FS_ESYS, saved, fmt, ap);
     va_end(ap);
     size_t used = strlen(err->msg);
     char buf[128];
     /* GNU strerror_r returns the string to use (maybe not buf). */
     const char *text = strerror_r(saved, buf, sizeof buf);
     snprintf(err->msg + used, sizeof err->msg - used, ": %s", text);
-    err->code = FS_ESYS;
-    err->sys_errno = saved;
     return FS_ESYS;
 }
 
