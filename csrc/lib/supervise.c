@@ -26,11 +26,13 @@
 #endif
 
 /* A report larger than this is truncated: results and tracebacks are small. */
-#define FS_REPORT_MAX ((size_t)256 << 20)
+#define REPORT_MAX ((size_t)256 << 20)
 /* Without pidfds (kernels < 5.3) we fall back to polling waitpid this often. */
-#define FS_FALLBACK_POLL_MS 20
+#define FALLBACK_POLL_MS 20
 /* After SIGKILL a process normally vanishes at once; do not wait forever. */
-#define FS_KILL_REAP_MS 10000
+#define KILL_REAP_MS 10000
+/* One epoll_wait / fs_group_wait slice at most (an int of milliseconds). */
+#define WAIT_SLICE_MAX_MS 1000000
 
 /* epoll user data: which kind of fd, and the rank index. */
 enum { EV_PIDFD = 1, EV_REPORT = 2, EV_STATUS = 3 };
@@ -153,7 +155,7 @@ static int drain_report(fs_group_t *g, fs_proc_t *p, fs_error_t *err)
             return FS_OK;
         }
         size_t want = p->report_len + (size_t)n;
-        if (want > FS_REPORT_MAX)
+        if (want > REPORT_MAX)
             continue; /* keep reading so the writer never blocks; drop the excess */
         if (want > p->report_cap) {
             size_t cap = p->report_cap ? p->report_cap : 4096;
@@ -347,10 +349,10 @@ int fs_group_wait(fs_group_t *g, int timeout_ms, fs_error_t *err)
         if (deadline >= 0) {
             int64_t left = deadline - fs_now_ms();
             last_round = left <= 0; /* still look once, without blocking */
-            wait_ms = left <= 0 ? 0 : (left > 1000000 ? 1000000 : (int)left);
+            wait_ms = left <= 0 ? 0 : (int)(left > WAIT_SLICE_MAX_MS ? WAIT_SLICE_MAX_MS : left);
         }
-        if (any_fallback && (wait_ms < 0 || wait_ms > FS_FALLBACK_POLL_MS))
-            wait_ms = FS_FALLBACK_POLL_MS;
+        if (any_fallback && (wait_ms < 0 || wait_ms > FALLBACK_POLL_MS))
+            wait_ms = FALLBACK_POLL_MS;
         struct epoll_event events[64];
         int n = epoll_wait(g->epfd, events, 64, wait_ms);
         if (n < 0) {
@@ -545,7 +547,7 @@ static int wait_all_until(fs_group_t *g, int64_t deadline, fs_error_t *err)
         int64_t left = deadline - fs_now_ms();
         if (left <= 0)
             return FS_ETIMEOUT;
-        int rc = fs_group_wait(g, (int)(left > 1000000 ? 1000000 : left), err);
+        int rc = fs_group_wait(g, (int)(left > WAIT_SLICE_MAX_MS ? WAIT_SLICE_MAX_MS : left), err);
         if (rc < 0 && rc != FS_EINTR)
             return rc;
     }
@@ -581,10 +583,10 @@ int fs_group_terminate(fs_group_t *g, int sig, int grace_ms, fs_error_t *err)
         if (g->procs[i].state == FS_PROC_RUNNING)
             g->procs[i].killed_by_us = 1;
     kill_rank_groups(g);
-    rc = wait_all_until(g, fs_now_ms() + FS_KILL_REAP_MS, err);
+    rc = wait_all_until(g, fs_now_ms() + KILL_REAP_MS, err);
     if (rc == FS_ETIMEOUT)
         return fs_error_set(err, FS_ETIMEOUT, "%d rank(s) did not exit within %d ms of SIGKILL",
-                            fs_group_running(g), FS_KILL_REAP_MS);
+                            fs_group_running(g), KILL_REAP_MS);
     return rc;
 }
 
