@@ -1,17 +1,32 @@
 # fastspawn developer entry points. The README's two commands:
 #   make train   - the main job (DDP training through fastspawn on CPU)
 #   make test    - C tests + pytest suite
-.PHONY: bootstrap build test ctest pytest sanitize lint format train bench fuzz clean
+.PHONY: bootstrap build lib test ctest pytest sanitize lint format train bench fuzz clean
+
+# FS_CFLAGS, FS_DEV_CFLAGS, FS_SAN_*, FS_LDLIBS: shared with setup.py.
+include csrc/flags.mk
 
 PY := scripts/py
 CC ?= gcc
-CFLAGS_C := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g -Wno-missing-field-initializers -Icsrc
-SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-# The C library without the CPython binding (module.c, py_*.c): usable from plain C.
-LIB_SRC := $(filter-out csrc/module.c $(wildcard csrc/py_*.c),$(wildcard csrc/*.c))
+# libfastspawn (every csrc/lib/*.c) is built by setup.py's build_clib with the flags of
+# csrc/flags.mk (FASTSPAWN_DEV=1: -Werror); the extension, the C tests and the C examples
+# link that same archive.
+LIB_DEPS := $(wildcard csrc/lib/*.c csrc/lib/*.h csrc/include/*.h csrc/include/fastspawn/*.h) \
+    csrc/flags.mk setup.py
+LIB := build/clib-dev/libfastspawn.a
+LIB_SAN := build/clib-dev-san/libfastspawn.a
+# The C tests may look inside (csrc/lib's private headers); the examples see only the
+# public headers, as any C program using the library would.
+CFLAGS_C := $(FS_CFLAGS) $(FS_DEV_CFLAGS) -Icsrc/include -Icsrc/lib
+CFLAGS_SAN := $(CFLAGS_C) $(FS_SAN_CFLAGS)
+CFLAGS_EX := $(FS_CFLAGS) $(FS_DEV_CFLAGS) -Icsrc/include
+LDLIBS_C := $(FS_LDLIBS) -lm
 CTEST_SRC := $(wildcard tests/c/test_*.c)
 CTEST_BIN := $(patsubst tests/c/%.c,tests/c/bin/%,$(CTEST_SRC))
 CTEST_SAN_BIN := $(patsubst tests/c/%.c,tests/c/bin/san_%,$(CTEST_SRC))
+EXAMPLE_SRC := $(wildcard examples/c/*.c)
+EXAMPLE_BIN := $(patsubst examples/c/%.c,examples/c/bin/%,$(EXAMPLE_SRC))
+EXAMPLE_SAN_BIN := $(patsubst examples/c/%.c,examples/c/bin/san_%,$(EXAMPLE_SRC))
 PYTEST_ARGS ?=
 
 bootstrap:
@@ -19,20 +34,39 @@ bootstrap:
 
 build: bootstrap
 
-tests/c/bin/libfastspawn.a: $(LIB_SRC) $(wildcard csrc/*.h)
-	@mkdir -p tests/c/bin/obj
-	@for f in $(LIB_SRC); do $(CC) $(CFLAGS_C) -fPIC -c $$f -o tests/c/bin/obj/$$(basename $$f .c).o || exit 1; done
-	ar rcs $@ tests/c/bin/obj/*.o
+.fs-python:
+	scripts/bootstrap.sh
 
-tests/c/bin/%: tests/c/%.c tests/c/fs_test.h tests/c/bin/libfastspawn.a
-	$(CC) $(CFLAGS_C) $< tests/c/bin/libfastspawn.a -lpthread -ldl -lm -o $@
+lib: $(LIB)
 
-tests/c/bin/san_%: tests/c/%.c tests/c/fs_test.h $(LIB_SRC) $(wildcard csrc/*.h)
-	@mkdir -p tests/c/bin
-	$(CC) $(CFLAGS_C) -O1 $(SAN) $< $(LIB_SRC) -lpthread -ldl -lm -o $@
+$(LIB): $(LIB_DEPS) | .fs-python
+	FASTSPAWN_DEV=1 $(PY) setup.py -q build_clib
+	@touch $@
 
-ctest: $(CTEST_BIN)
+$(LIB_SAN): $(LIB_DEPS) | .fs-python
+	FASTSPAWN_DEV=1 FASTSPAWN_SANITIZE=1 $(PY) setup.py -q build_clib
+	@touch $@
+
+tests/c/bin/%: tests/c/%.c tests/c/fs_test.h $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS_C) $< $(LIB) $(LDLIBS_C) -o $@
+
+tests/c/bin/san_%: tests/c/%.c tests/c/fs_test.h $(LIB_SAN)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS_SAN) $< $(LIB_SAN) $(LDLIBS_C) $(FS_SAN_LDFLAGS) -o $@
+
+examples/c/bin/%: examples/c/%.c $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS_EX) $< $(LIB) $(LDLIBS_C) -o $@
+
+examples/c/bin/san_%: examples/c/%.c $(LIB_SAN)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS_EX) $(FS_SAN_CFLAGS) $< $(LIB_SAN) $(LDLIBS_C) $(FS_SAN_LDFLAGS) -o $@
+
+# The C tests, then the C examples (each must exit 0).
+ctest: $(CTEST_BIN) $(EXAMPLE_BIN)
 	scripts/run_ctests.sh $(CTEST_BIN)
+	scripts/run_examples.sh $(EXAMPLE_BIN)
 
 pytest: bootstrap
 	scripts/run_pytest.sh $(PYTEST_ARGS)
@@ -40,17 +74,20 @@ pytest: bootstrap
 # The README's test command.
 test: bootstrap ctest pytest
 
-# C tests and the Python suite under AddressSanitizer + UndefinedBehaviorSanitizer.
-sanitize: bootstrap $(CTEST_SAN_BIN)
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	    scripts/run_ctests.sh $(CTEST_SAN_BIN)
+# C tests, C examples and the Python suite under AddressSanitizer + UndefinedBehaviorSanitizer.
+SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+sanitize: bootstrap $(CTEST_SAN_BIN) $(EXAMPLE_SAN_BIN)
+	$(SAN_ENV) scripts/run_ctests.sh $(CTEST_SAN_BIN)
+	$(SAN_ENV) scripts/run_examples.sh $(EXAMPLE_SAN_BIN)
 	scripts/sanitize_pytest.sh $(PYTEST_ARGS)
 
 lint:
 	scripts/lint.sh
 
+C_FILES = $(wildcard csrc/include/*.h csrc/include/fastspawn/*.h csrc/lib/*.[ch] \
+    csrc/python/*.[ch] tests/c/*.[ch] tests/fuzz/*.c examples/c/*.c)
 format:
-	clang-format -i csrc/*.c csrc/*.h tests/c/*.c tests/c/*.h
+	clang-format -i $(C_FILES)
 
 # The README's main command.
 train: bootstrap
@@ -65,4 +102,4 @@ fuzz:
 	scripts/fuzz_store.sh $(FUZZ_SECONDS)
 
 clean:
-	rm -rf build tests/c/bin python/fastspawn/*.so
+	rm -rf build tests/c/bin examples/c/bin python/fastspawn/*.so

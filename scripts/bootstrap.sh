@@ -7,13 +7,16 @@
 #   as it is and install nothing.
 # - Else create .venv and install the pinned set-up (requirements-dev.txt) into it,
 #   then the project itself (editable).
-# Always (re)builds fastspawn._C in place, which is quick when nothing changed.
+# Always (re)builds libfastspawn and fastspawn._C in place, which is quick when nothing
+# changed, with the development flags (FASTSPAWN_DEV=1: warnings are errors; see setup.py).
 # Writes the chosen interpreter's path to .fs-python (used by scripts/py).
 set -euo pipefail
+export FASTSPAWN_DEV=1
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-stamp_of() { cat requirements-dev.txt pyproject.toml setup.py | sha256sum | cut -c1-16; }
+# setup.py is not part of it: the in-place build below runs on every call anyway.
+stamp_of() { cat requirements-dev.txt pyproject.toml | sha256sum | cut -c1-16; }
 has_stack() {
     "$1" - <<'PY' 2>/dev/null
 import sys
@@ -41,5 +44,5 @@ else
     py="$root/.venv/bin/python"
 fi
 echo "$py" > .fs-python
-# Build (or refresh) the extension in place; setuptools skips up-to-date objects.
+# Build (or refresh) the library and the extension in place; both skip what is up to date.
 "$py" setup.py -q build_ext --inplace >/dev/null

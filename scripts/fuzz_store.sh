@@ -17,9 +17,12 @@ fi
 out=fuzz-out/store
 mkdir -p "$out/corpus" "$out/crashes"
 bin=$out/fuzz_store_frame
-"$CLANG" -std=c11 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Werror -Wno-missing-field-initializers \
-    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-    -Icsrc tests/fuzz/fuzz_store_frame.c csrc/store_proto.c csrc/error.c -o "$bin"
+flags() { sed -n "s/^$1 *:= *//p" csrc/flags.mk; }
+# The library's flags (csrc/flags.mk), then the fuzzer's: later -O/-fsanitize win.
+# shellcheck disable=SC2046 # the flags are words
+"$CLANG" $(flags FS_CFLAGS) $(flags FS_DEV_CFLAGS) -O1 -fno-sanitize-recover=undefined \
+    -fsanitize=fuzzer,address,undefined -Icsrc/include -Icsrc/lib tests/fuzz/fuzz_store_frame.c \
+    csrc/lib/store_proto.c csrc/lib/error.c -o "$bin"
 
 # Seeds: well-formed frames (the first byte picks the limits; see the target).
 seed() { # NAME FORMAT... : the printf FORMATs, concatenated, as one corpus file

@@ -13,12 +13,15 @@ scripts/bootstrap.sh 2>&1 | tail -5
 if command -v make >/dev/null; then
     make ctest 2>&1 | tail -3 | tee "$out/ctest.txt"
 else
+    # No make: the same archive the extension links (built by bootstrap), the same flags.
+    flags() { sed -n "s/^$1 *:= *//p" csrc/flags.mk; }
     mkdir -p tests/c/bin
     bins=()
     for t in tests/c/test_*.c; do
         b=tests/c/bin/$(basename "$t" .c)
-        gcc -std=c11 -D_GNU_SOURCE -O2 -Wall -Wextra -Werror -Icsrc "$t" \
-            $(ls csrc/*.c | grep -v -e module.c -e '/py_') -lpthread -ldl -lm -o "$b" && bins+=("$b")
+        # shellcheck disable=SC2046 # the flags are words
+        gcc $(flags FS_CFLAGS) $(flags FS_DEV_CFLAGS) -Icsrc/include -Icsrc/lib "$t" \
+            build/clib-dev/libfastspawn.a $(flags FS_LDLIBS) -lm -o "$b" && bins+=("$b")
     done
     scripts/run_ctests.sh "${bins[@]}" 2>&1 | tail -3 | tee "$out/ctest.txt"
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Format check (clang-format), static analysis (cppcheck, clang-tidy) of csrc/.
-# Installs the Debian packages when they are missing.
+# Format check (clang-format) and static analysis (cppcheck, clang-tidy) of the C sources:
+# the library (csrc/include, csrc/lib), the binding (csrc/python), the C tests, the fuzz
+# target and the C examples. Installs the Debian packages when they are missing.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -11,9 +12,15 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 py=$(cat .fs-python 2>/dev/null || echo python3)
 inc=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+shopt -s nullglob
+lib=(csrc/lib/*.c)
+binding=(csrc/python/*.c)
+all=(csrc/include/*.h csrc/include/fastspawn/*.h csrc/lib/*.[ch] csrc/python/*.[ch]
+     tests/c/*.[ch] tests/fuzz/*.c examples/c/*.c)
+includes=(-Icsrc/include -Icsrc/lib -Icsrc/python)
 status=0
 echo "== clang-format"
-for f in csrc/*.c csrc/*.h tests/c/*.c tests/c/*.h; do
+for f in "${all[@]}"; do
     if ! clang-format --dry-run --Werror "$f" >/dev/null 2>&1; then
         echo "needs formatting: $f (run: make format)"; status=1
     fi
@@ -22,8 +29,9 @@ echo "== cppcheck"
 # Python.h is not given to cppcheck (slow), so it cannot see that Py_RETURN_NONE
 # returns: missingReturn is a false positive in the binding files only.
 cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability --std=c11 \
-    --inline-suppr -D_GNU_SOURCE -Icsrc --suppress='missingReturn:csrc/py_*.c' csrc/*.c || status=1
+    --inline-suppr -D_GNU_SOURCE "${includes[@]}" --suppress='missingReturn:csrc/python/*.c' \
+    "${lib[@]}" "${binding[@]}" || status=1
 echo "== clang-tidy"
-clang-tidy --quiet csrc/*.c -- -std=c11 -D_GNU_SOURCE -Icsrc -I"$inc" 2>/dev/null \
-    | grep -E "warning:|error:" && status=1
+clang-tidy --quiet "${lib[@]}" "${binding[@]}" examples/c/*.c -- -std=c11 -D_GNU_SOURCE \
+    "${includes[@]}" -I"$inc" 2>/dev/null | grep -E "warning:|error:" && status=1
 exit $status

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run the Python suite against an extension built with ASan + UBSan.
-# The sanitized build goes to a scratch copy of the package, so the normal
-# in-place build is left alone. Leak detection is off: CPython and torch keep
-# memory until exit by design; the C tests (make sanitize) check leaks.
+# setup.py builds it (FASTSPAWN_SANITIZE=1: its own build folders) into a scratch copy of
+# the package, so the normal in-place build is left alone. Leak detection is off: CPython
+# and torch keep memory until exit by design; the C tests (make sanitize) check leaks.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=$(cat "$root/.fs-python")
@@ -10,12 +10,8 @@ work=$(mktemp -d /tmp/fastspawn-asan.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cp -r "$root/python/fastspawn" "$work/fastspawn"
 rm -f "$work"/fastspawn/_C*.so
-inc=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-suffix=$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-gcc -shared -fPIC -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O1 -g \
-    -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
-    -Wno-missing-field-initializers -I"$root/csrc" -I"$inc" "$root"/csrc/*.c -lpthread -ldl -lm \
-    -o "$work/fastspawn/_C$suffix"
+(cd "$root" && FASTSPAWN_DEV=1 FASTSPAWN_SANITIZE=1 "$py" setup.py -q build_ext \
+    --build-lib "$work" >/dev/null)
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 export LD_PRELOAD="$asan:$ubsan"

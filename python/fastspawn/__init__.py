@@ -23,10 +23,9 @@ from ._launch import (DEFAULT_START_METHOD, ENV_VAR_PARALLEL_START,  # noqa: F40
                       START_METHODS, ProcessContext, RankProcess, SpawnContext,
                       fork_safety_issues, spawn, start_processes, start_zygote)
 from ._rendezvous import default_backend, init_process_group  # noqa: F401
+from ._version import __version__  # noqa: F401
 from ._zygote import ZygoteError  # noqa: F401
 from .store import Store, StoreServer, StoreTimeoutError  # noqa: F401
-
-__version__ = "0.1.0"
 
 if _os.environ.get("FASTSPAWN_PRESTART_ZYGOTE") == "1":
     start_zygote()  # ahead of need: the first zygote spawn then finds torch imported

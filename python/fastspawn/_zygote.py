@@ -254,7 +254,7 @@ class _Server:
         pids: List[int] = []
         try:
             for index in range(nprocs):
-                pid = _C.fork_rank(True, signal.SIGKILL)
+                pid = _C.fork_rank(True, signal.SIGKILL, report_fds[index])
                 if pid == 0:
                     self.become_rank(index, req, report_fds[index], status_fd, user_fds,
                                      report_fds)

@@ -1,5 +1,5 @@
 /*
- * test_coll.c - shared-memory CPU collectives (shm.c, coll_cpu.c, reduce.c).
+ * test_coll.c - shared-memory CPU collectives (shm.c, coll_cpu.c, comm.c, reduce.c).
  *
  * Each multi-rank test forks its ranks inside the test process; every rank
  * checks its own results against a scalar reference computed in the same rank
@@ -1063,6 +1063,30 @@ static int validate_rank(fs_comm_t *c, int me, int N, void *arg)
     /* invalid calls did not touch the communicator */
     FS_CHECK_OK(fs_allreduce(c, x, x, 4, FS_INT32, FS_SUM, &err), &err);
     return 0;
+}
+
+/* err may be NULL everywhere (fastspawn/error.h): the status alone, even on the paths
+   that build long messages (a header mismatch, an abort). */
+static int null_err_rank(fs_comm_t *c, int me, int N, void *arg)
+{
+    (void)N;
+    (void)arg;
+    int32_t x[4] = {0};
+    uint64_t t = 0;
+    FS_CHECK_EQ(fs_allreduce(c, x, x, 4, FS_INT32, FS_AVG, NULL), FS_EINVAL);
+    FS_CHECK_EQ(fs_allreduce(c, x, x, 4, FS_INT32, FS_SUM, NULL), FS_OK);
+    FS_CHECK_EQ(fs_comm_submit(c, NULL, &t, NULL), FS_EINVAL);
+    FS_CHECK_EQ(fs_allreduce(c, x, x, me == 0 ? 4 : 3, FS_INT32, FS_SUM, NULL), FS_EMISMATCH);
+    FS_CHECK_EQ(fs_comm_status(c, NULL), FS_EMISMATCH);
+    FS_CHECK_EQ(fs_barrier(c, NULL), FS_EABORTED);
+    return 0;
+}
+
+FS_TEST(coll_null_error_pointers_are_accepted)
+{
+    fs_comm_t *c = NULL;
+    FS_CHECK_EQ(fs_comm_create("noslash", 0, 2, NULL, &c, NULL), FS_EINVAL);
+    FS_CHECK_EQ(run_ranks(2, NULL, null_err_rank, NULL), 0);
 }
 
 FS_TEST(coll_invalid_arguments_do_not_break_the_communicator)

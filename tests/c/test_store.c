@@ -1,6 +1,8 @@
 /*
- * test_store.c - the rendezvous store (store_*.c): every op, limits, parked
+ * test_store.c - the rendezvous store (store_*.c, net.c): every op, limits, parked
  * requests, timeouts, auth, malformed frames, disconnects, concurrency, fork.
+ * Sleeps here are the delays under test (a late set, a late server), never a way to
+ * wait for another thread or process: those are pipes and replies.
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -110,27 +112,27 @@ static void raw_send(int fd, const void *p, size_t n)
 }
 
 /* Build a frame with the proto helpers. */
-static void frame(fs_store_buf_t *b, uint32_t id, int code, int nargs, const char **args)
+static void frame(fs__store_buf_t *b, uint32_t id, int code, int nargs, const char **args)
 {
     size_t start;
     fs_error_t e;
     b->len = 0;
-    fs_store_frame_begin(b, id, code, &start, &e);
+    fs__store_frame_begin(b, id, code, &start, &e);
     for (int i = 0; i < nargs; i++)
-        fs_store_frame_arg(b, start, args[i], strlen(args[i]), &e);
-    fs_store_frame_end(b, start);
+        fs__store_frame_arg(b, start, args[i], strlen(args[i]), &e);
+    fs__store_frame_end(b, start);
 }
 
 static void raw_hello(int fd)
 {
-    fs_store_buf_t b = {0};
-    const char *args[2] = {FS_STORE_MAGIC, TOKEN};
-    frame(&b, 1, FS_OP_HELLO, 2, args);
+    fs__store_buf_t b = {0};
+    const char *args[2] = {FS__STORE_MAGIC, TOKEN};
+    frame(&b, 1, FS__OP_HELLO, 2, args);
     raw_send(fd, b.p, b.len);
     uint8_t reply[64];
     ssize_t r = recv(fd, reply, sizeof reply, 0);
     FS_CHECK(r > 0);
-    fs_store_buf_free(&b);
+    fs__store_buf_free(&b);
 }
 
 /* 1 when the server closed fd (recv sees EOF or reset within 2 s). */
@@ -153,58 +155,58 @@ static int raw_closed(int fd)
 
 FS_TEST(test_parse_frame)
 {
-    fs_store_buf_t b = {0};
+    fs__store_buf_t b = {0};
     const char *args[2] = {"key", "value"};
-    frame(&b, 7, FS_OP_SET, 2, args);
-    fs_store_arg_t a[8];
-    fs_store_msg_t m;
+    frame(&b, 7, FS__OP_SET, 2, args);
+    fs__store_arg_t a[8];
+    fs__store_msg_t m;
     fs_error_t e;
-    FS_CHECK_EQ(fs_store_parse_frame(b.p, b.len, 1 << 20, a, 8, &m, &e), (int64_t)b.len);
+    FS_CHECK_EQ(fs__store_parse_frame(b.p, b.len, 1 << 20, a, 8, &m, &e), (int64_t)b.len);
     FS_CHECK_EQ(m.id, 7);
-    FS_CHECK_EQ(m.code, FS_OP_SET);
+    FS_CHECK_EQ(m.code, FS__OP_SET);
     FS_CHECK_EQ(m.nargs, 2);
     FS_CHECK(m.args[1].len == 5 && memcmp(m.args[1].p, "value", 5) == 0);
-    FS_CHECK_EQ(fs_store_check_request(&m, 1 << 20, &e), FS_OK);
+    FS_CHECK_EQ(fs__store_check_request(&m, 1 << 20, &e), FS_OK);
     /* Every prefix is "need more". */
     for (size_t i = 0; i < b.len; i++)
-        FS_CHECK_EQ(fs_store_parse_frame(b.p, i, 1 << 20, a, 8, &m, &e), 0);
+        FS_CHECK_EQ(fs__store_parse_frame(b.p, i, 1 << 20, a, 8, &m, &e), 0);
     /* Oversized length is rejected from the 4 length bytes alone. */
     uint8_t big[4];
-    fs_store_put_u32(big, 100u << 20);
-    FS_CHECK_EQ(fs_store_parse_frame(big, 4, 1 << 20, a, 8, &m, &e), FS_ETOOBIG);
+    fs__store_put_u32(big, 100u << 20);
+    FS_CHECK_EQ(fs__store_parse_frame(big, 4, 1 << 20, a, 8, &m, &e), FS_ETOOBIG);
     /* An argument running past the frame. */
-    fs_store_put_u32(b.p + FS_STORE_HDR, 1000);
-    FS_CHECK_EQ(fs_store_parse_frame(b.p, b.len, 1 << 20, a, 8, &m, &e), FS_EPROTO);
+    fs__store_put_u32(b.p + FS__STORE_HDR, 1000);
+    FS_CHECK_EQ(fs__store_parse_frame(b.p, b.len, 1 << 20, a, 8, &m, &e), FS_EPROTO);
     FS_CHECK(strstr(e.msg, "argument 0") != NULL);
     /* Too many arguments for the caller's array. */
-    frame(&b, 7, FS_OP_SET, 2, args);
-    FS_CHECK_EQ(fs_store_parse_frame(b.p, b.len, 1 << 20, a, 1, &m, &e), FS_ETOOBIG);
+    frame(&b, 7, FS__OP_SET, 2, args);
+    FS_CHECK_EQ(fs__store_parse_frame(b.p, b.len, 1 << 20, a, 1, &m, &e), FS_ETOOBIG);
     /* Shape checks. */
-    frame(&b, 1, FS_OP_GET, 2, args);
-    FS_CHECK_EQ(fs_store_parse_frame(b.p, b.len, 1 << 20, a, 8, &m, &e), (int64_t)b.len);
-    FS_CHECK_EQ(fs_store_check_request(&m, 1 << 20, &e), FS_EPROTO);
+    frame(&b, 1, FS__OP_GET, 2, args);
+    FS_CHECK_EQ(fs__store_parse_frame(b.p, b.len, 1 << 20, a, 8, &m, &e), (int64_t)b.len);
+    FS_CHECK_EQ(fs__store_check_request(&m, 1 << 20, &e), FS_EPROTO);
     frame(&b, 1, 99, 0, args);
-    FS_CHECK(fs_store_parse_frame(b.p, b.len, 1 << 20, a, 8, &m, &e) > 0);
-    FS_CHECK_EQ(fs_store_check_request(&m, 1 << 20, &e), FS_EPROTO);
-    frame(&b, 1, FS_OP_SET, 2, args);
-    FS_CHECK(fs_store_parse_frame(b.p, b.len, 1 << 20, a, 8, &m, &e) > 0);
-    FS_CHECK_EQ(fs_store_check_request(&m, 4, &e), FS_ETOOBIG); /* value over max_value */
-    fs_store_buf_free(&b);
+    FS_CHECK(fs__store_parse_frame(b.p, b.len, 1 << 20, a, 8, &m, &e) > 0);
+    FS_CHECK_EQ(fs__store_check_request(&m, 1 << 20, &e), FS_EPROTO);
+    frame(&b, 1, FS__OP_SET, 2, args);
+    FS_CHECK(fs__store_parse_frame(b.p, b.len, 1 << 20, a, 8, &m, &e) > 0);
+    FS_CHECK_EQ(fs__store_check_request(&m, 4, &e), FS_ETOOBIG); /* value over max_value */
+    fs__store_buf_free(&b);
 }
 
 FS_TEST(test_parse_i64)
 {
     int64_t v = 0;
-    FS_CHECK(fs_store_parse_i64((const uint8_t *)"42", 2, &v) == 0 && v == 42);
-    FS_CHECK(fs_store_parse_i64((const uint8_t *)"-7", 2, &v) == 0 && v == -7);
-    FS_CHECK(fs_store_parse_i64((const uint8_t *)"9223372036854775807", 19, &v) == 0 &&
+    FS_CHECK(fs__store_parse_i64((const uint8_t *)"42", 2, &v) == 0 && v == 42);
+    FS_CHECK(fs__store_parse_i64((const uint8_t *)"-7", 2, &v) == 0 && v == -7);
+    FS_CHECK(fs__store_parse_i64((const uint8_t *)"9223372036854775807", 19, &v) == 0 &&
              v == INT64_MAX);
-    FS_CHECK(fs_store_parse_i64((const uint8_t *)"-9223372036854775808", 20, &v) == 0 &&
+    FS_CHECK(fs__store_parse_i64((const uint8_t *)"-9223372036854775808", 20, &v) == 0 &&
              v == INT64_MIN);
-    FS_CHECK(fs_store_parse_i64((const uint8_t *)"9223372036854775808", 19, &v) < 0);
-    FS_CHECK(fs_store_parse_i64((const uint8_t *)"", 0, &v) < 0);
-    FS_CHECK(fs_store_parse_i64((const uint8_t *)"-", 1, &v) < 0);
-    FS_CHECK(fs_store_parse_i64((const uint8_t *)"1x", 2, &v) < 0);
+    FS_CHECK(fs__store_parse_i64((const uint8_t *)"9223372036854775808", 19, &v) < 0);
+    FS_CHECK(fs__store_parse_i64((const uint8_t *)"", 0, &v) < 0);
+    FS_CHECK(fs__store_parse_i64((const uint8_t *)"-", 1, &v) < 0);
+    FS_CHECK(fs__store_parse_i64((const uint8_t *)"1x", 2, &v) < 0);
 }
 
 FS_TEST(test_token)
@@ -595,20 +597,20 @@ FS_TEST(test_wrong_token)
     FS_CHECK_OK(fs_store_add(good, "x", 1, &r, 1000, &err), &err);
     /* A raw connection with a wrong token is closed after the error reply. */
     int fd = raw_connect(s);
-    fs_store_buf_t b = {0};
-    const char *args[2] = {FS_STORE_MAGIC, "nope"};
-    frame(&b, 1, FS_OP_HELLO, 2, args);
+    fs__store_buf_t b = {0};
+    const char *args[2] = {FS__STORE_MAGIC, "nope"};
+    frame(&b, 1, FS__OP_HELLO, 2, args);
     raw_send(fd, b.p, b.len);
     FS_CHECK(raw_closed(fd));
     close(fd);
     /* A request before HELLO closes the connection too. */
     fd = raw_connect(s);
     const char *gargs[1] = {"x"};
-    frame(&b, 1, FS_OP_GET, 1, gargs);
+    frame(&b, 1, FS__OP_GET, 1, gargs);
     raw_send(fd, b.p, b.len);
     FS_CHECK(raw_closed(fd));
     close(fd);
-    fs_store_buf_free(&b);
+    fs__store_buf_free(&b);
     FS_CHECK_OK(fs_store_add(good, "x", 1, &r, 1000, &err), &err);
     FS_CHECK_EQ(r, 2);
     fs_store_close(good);
@@ -624,7 +626,7 @@ FS_TEST(test_malformed_frames)
     /* Each of these closes its own connection only. */
     static const uint8_t garbage[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
     uint8_t huge[16];
-    fs_store_put_u32(huge, 0xfffffff0u);
+    fs__store_put_u32(huge, 0xfffffff0u);
     memset(huge + 4, 0, 12);
     uint8_t short_frame[8] = {2, 0, 0, 0, 1, 2, 0, 0};
     struct {
@@ -649,16 +651,16 @@ FS_TEST(test_malformed_frames)
     /* Authenticated, then a frame with an argument running past its end. */
     int fd = raw_connect(s);
     raw_hello(fd);
-    fs_store_buf_t b = {0};
+    fs__store_buf_t b = {0};
     const char *args[2] = {"key", "value"};
-    frame(&b, 2, FS_OP_SET, 2, args);
-    fs_store_put_u32(b.p + FS_STORE_HDR, 99);
+    frame(&b, 2, FS__OP_SET, 2, args);
+    fs__store_put_u32(b.p + FS__STORE_HDR, 99);
     raw_send(fd, b.p, b.len);
     FS_CHECK(raw_closed(fd));
     close(fd);
     /* Unknown op, wrong arg count, add with a 3-byte delta, HELLO twice. */
     const char *three[3] = {"k", "abc", "x"};
-    int ops[][2] = {{77, 1}, {FS_OP_GET, 3}, {FS_OP_ADD, 2}, {FS_OP_HELLO, 2}};
+    int ops[][2] = {{77, 1}, {FS__OP_GET, 3}, {FS__OP_ADD, 2}, {FS__OP_HELLO, 2}};
     for (size_t i = 0; i < 4; i++) {
         fd = raw_connect(s);
         raw_hello(fd);
@@ -667,7 +669,7 @@ FS_TEST(test_malformed_frames)
         FS_CHECK(raw_closed(fd));
         close(fd);
     }
-    fs_store_buf_free(&b);
+    fs__store_buf_free(&b);
     FS_CHECK_OK(fs_store_add(good, "ok", 1, &r, 1000, &err), &err);
     FS_CHECK_EQ(r, 5);
     /* The bad key was never stored. */
@@ -687,21 +689,27 @@ FS_TEST(test_disconnect_mid_request)
     /* Half a SET, then gone: nothing stored. */
     int fd = raw_connect(s);
     raw_hello(fd);
-    fs_store_buf_t b = {0};
+    fs__store_buf_t b = {0};
     const char *args[2] = {"half", "some value that never fully arrives"};
-    frame(&b, 2, FS_OP_SET, 2, args);
+    frame(&b, 2, FS__OP_SET, 2, args);
     raw_send(fd, b.p, b.len - 5);
-    sleep_ms(50);
+    sleep_ms(50); /* most likely read by then; the checks below hold either way */
     close(fd);
     /* A parked GET, then gone: the server drops it. */
     fd = raw_connect(s);
     raw_hello(fd);
     const char *gargs[1] = {"parked"};
-    frame(&b, 3, FS_OP_GET, 1, gargs);
+    frame(&b, 3, FS__OP_GET, 1, gargs);
     raw_send(fd, b.p, b.len);
-    sleep_ms(50);
+    /* Requests on a connection are handled in order: once num_keys is answered, the get
+       is parked. */
+    frame(&b, 4, FS__OP_NUM_KEYS, 0, gargs);
+    raw_send(fd, b.p, b.len);
+    uint8_t reply[64];
+    FS_CHECK(recv(fd, reply, sizeof reply, 0) > 0);
+    FS_CHECK_EQ(fs__store_get_u32(reply + 4), 4); /* the num_keys reply, not the get's */
     close(fd);
-    fs_store_buf_free(&b);
+    fs__store_buf_free(&b);
     int64_t t0 = fs_now_ms();
     while (fs_store_server_num_clients(s) != 1 && fs_now_ms() - t0 < 2000)
         sleep_ms(10);
@@ -757,6 +765,35 @@ FS_TEST(test_barrier)
     fs_store_server_stop(s);
 }
 
+/* err may be NULL everywhere (fastspawn/error.h), timeouts that name keys included. */
+FS_TEST(test_null_error_pointers_are_accepted)
+{
+    fs_store_server_t *s = start_server(0, NULL);
+    fs_store_client_t *c = client(s);
+    const char *keys[] = {"never"};
+    void *v = NULL;
+    size_t n = 0;
+    int64_t r = 0;
+    FS_CHECK_EQ(fs_store_set(c, "k", "1", 1, 1000, NULL), FS_OK);
+    FS_CHECK_EQ(fs_store_add(c, "k", 1, &r, 1000, NULL), FS_OK);
+    FS_CHECK_EQ(r, 2);
+    FS_CHECK_EQ(fs_store_get(c, "never", &v, &n, 50, NULL), FS_ETIMEOUT);
+    FS_CHECK_EQ(fs_store_wait(c, keys, 1, 50, NULL), FS_ETIMEOUT);
+    FS_CHECK_EQ(fs_store_barrier(c, "b", 2, 0, 50, NULL), FS_ETIMEOUT);
+    FS_CHECK_EQ(fs_store_add(c, "k", INT64_MAX, &r, 1000, NULL), FS_EINVAL);
+    fs_store_client_opts_t o = {0};
+    fs_store_client_t *none = NULL;
+    FS_CHECK_EQ(fs_store_connect(&o, &none, NULL), FS_EINVAL);
+    o.host = "unix:@fastspawn-test-nobody-here";
+    o.token = TOKEN;
+    o.connect_timeout_ms = 50;
+    FS_CHECK_EQ(fs_store_connect(&o, &none, NULL), FS_ETIMEOUT);
+    FS_CHECK_EQ(fs_store_server_check(s, NULL), FS_OK);
+    fs_store_close(c);
+    fs_store_server_stop(s);
+    FS_CHECK_EQ(fs_store_server_start(NULL, &s, NULL), FS_EINVAL);
+}
+
 FS_TEST(test_barrier_timeout_names_missing_ranks)
 {
     fs_store_server_t *s = start_server(0, NULL);
@@ -808,17 +845,24 @@ FS_TEST(test_connect_retry_and_timeout)
     FS_CHECK(dt >= 250 && dt < 2000);
     FS_CHECK(strstr(err.msg, "attempts") != NULL);
     FS_CHECK(strstr(err.msg, "fastspawn-test-nobody-here") != NULL);
-    /* The server comes up late: the client's retry finds it. */
+    /* The server comes up late: the client's retry finds it. It serves until the
+       parent closes `done`. */
     char name[64];
     snprintf(name, sizeof name, "@fastspawn-test-late-%d", (int)getpid());
+    int done[2];
+    FS_CHECK(pipe(done) == 0);
     pid_t pid = fork();
     if (pid == 0) {
+        close(done[1]);
         sleep_ms(300);
         fs_store_server_t *s = start_server(0, name);
-        sleep_ms(3000);
+        char ch;
+        while (read(done[0], &ch, 1) < 0 && errno == EINTR) {
+        }
         fs_store_server_stop(s);
         _exit(0);
     }
+    close(done[0]);
     char host[80];
     snprintf(host, sizeof host, "unix:%s", name);
     o.host = host;
@@ -830,8 +874,9 @@ FS_TEST(test_connect_retry_and_timeout)
         FS_CHECK_OK(fs_store_set(c, "k", "v", 1, 1000, &err), &err);
         fs_store_close(c);
     }
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
+    close(done[1]);
+    int status = -1;
+    FS_CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
     /* Bad options. */
     o.host = "127.0.0.1";
     o.port = 0;
@@ -960,7 +1005,7 @@ FS_TEST(test_fork_child_drops_server_sockets)
         char ch = (char)('0' + bad);
         if (write(pipefd[1], &ch, 1) != 1)
             _exit(2);
-        sleep_ms(3000);
+        pause(); /* alive (holding whatever it inherited) until the parent kills it */
         _exit(0);
     }
     char ch = 'x';

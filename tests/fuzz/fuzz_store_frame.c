@@ -1,6 +1,6 @@
 /*
  * fuzz_store_frame.c - libFuzzer target for the store's wire format
- * (store_proto.c): fs_store_parse_frame, fs_store_check_request and the
+ * (store_proto.c): fs__store_parse_frame, fs__store_check_request and the
  * helpers a server runs on untrusted bytes. Build and run: scripts/fuzz_store.sh.
  *
  * The input is treated as a byte stream of frames, the way the server reads a
@@ -14,25 +14,25 @@
 
 #include "store_proto.h"
 
-static fs_store_arg_t args[FS_STORE_MAX_ARGS];
+static fs__store_arg_t args[FS__STORE_MAX_ARGS];
 
-static void check_reencode(const uint8_t *frame, size_t len, const fs_store_msg_t *m)
+static void check_reencode(const uint8_t *frame, size_t len, const fs__store_msg_t *m)
 {
-    fs_store_buf_t b = {0};
+    fs__store_buf_t b = {0};
     fs_error_t e;
     size_t start;
-    if (fs_store_frame_begin(&b, m->id, m->code, &start, &e) < 0)
+    if (fs__store_frame_begin(&b, m->id, m->code, &start, &e) < 0)
         abort();
     for (unsigned i = 0; i < m->nargs; i++) {
         if (m->args[i].p < frame || m->args[i].p + m->args[i].len > frame + len)
             abort(); /* an argument outside its frame */
-        if (fs_store_frame_arg(&b, start, m->args[i].p, m->args[i].len, &e) < 0)
+        if (fs__store_frame_arg(&b, start, m->args[i].p, m->args[i].len, &e) < 0)
             abort();
     }
-    fs_store_frame_end(&b, start);
+    fs__store_frame_end(&b, start);
     if (b.len != len || memcmp(b.p, frame, len) != 0)
         abort(); /* parse and encode disagree */
-    fs_store_buf_free(&b);
+    fs__store_buf_free(&b);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -40,13 +40,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* The first byte picks the limits, so small limits get exercised too. */
     size_t max_value = size > 0 ? ((size_t)1 << (data[0] % 24)) : 64;
     size_t max_frame =
-        size > 0 && (data[0] & 0x80) ? FS_STORE_HELLO_MAX_FRAME : fs_store_max_frame(max_value);
+        size > 0 && (data[0] & 0x80) ? FS__STORE_HELLO_MAX_FRAME : fs__store_max_frame(max_value);
     size_t off = size > 0 ? 1 : 0;
     while (off < size) {
-        fs_store_msg_t m;
+        fs__store_msg_t m;
         fs_error_t e;
-        int64_t n = fs_store_parse_frame(data + off, size - off, max_frame, args, FS_STORE_MAX_ARGS,
-                                         &m, &e);
+        int64_t n = fs__store_parse_frame(data + off, size - off, max_frame, args,
+                                          FS__STORE_MAX_ARGS, &m, &e);
         if (n <= 0) {
             if (n < 0 && (e.code != (int)n || e.msg[0] == '\0'))
                 abort(); /* errors must say what went wrong */
@@ -55,21 +55,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if ((size_t)n > size - off || (size_t)n > max_frame)
             abort();
         /* Any prefix of a complete frame is "need more", never an error or a frame. */
-        if (fs_store_parse_frame(data + off, (size_t)n - 1, max_frame, args, FS_STORE_MAX_ARGS, &m,
-                                 &e) > 0)
+        if (fs__store_parse_frame(data + off, (size_t)n - 1, max_frame, args, FS__STORE_MAX_ARGS,
+                                  &m, &e) > 0)
             abort();
-        n = fs_store_parse_frame(data + off, (size_t)n, max_frame, args, FS_STORE_MAX_ARGS, &m, &e);
+        n = fs__store_parse_frame(data + off, (size_t)n, max_frame, args, FS__STORE_MAX_ARGS, &m,
+                                  &e);
         check_reencode(data + off, (size_t)n, &m);
-        if (fs_store_check_request(&m, max_value, &e) == FS_OK) {
+        if (fs__store_check_request(&m, max_value, &e) == FS_OK) {
             for (unsigned i = 0; i < m.nargs; i++) {
                 char kb[200];
                 int64_t v;
-                fs_store_fmt_key(kb, sizeof kb, m.args[i].p, m.args[i].len);
+                fs__store_fmt_key(kb, sizeof kb, m.args[i].p, m.args[i].len);
                 if (strlen(kb) >= sizeof kb)
                     abort();
-                (void)fs_store_parse_i64(m.args[i].p, m.args[i].len, &v);
+                (void)fs__store_parse_i64(m.args[i].p, m.args[i].len, &v);
             }
-            if (m.code == FS_OP_ADD && m.args[1].len != 8)
+            if (m.code == FS__OP_ADD && m.args[1].len != 8)
                 abort();
         }
         off += (size_t)n;

@@ -1,19 +1,15 @@
 /*
- * py_supervise.c - CPython binding of the supervisor (supervise.c) and the
- * guardian (guardian.c): the _C.Group type and the guardian functions.
+ * py_supervise.c - CPython binding of the supervisor (supervise.c, child.c) and the
+ * process's guardian (guardian.c): the _C.Group type and the guardian functions.
  */
 #include "fs_py.h"
 
-#include <errno.h>
-#include <pthread.h>
 #include <signal.h>
-#include <unistd.h>
 
 typedef struct {
-    PyObject_HEAD fs_group_t *group;
+    PyObject_HEAD
+    fs_group_t *group;
 } GroupObject;
-
-static fs_guardian_t guardian = {.pid = 0, .write_fd = -1, .owner = 0};
 
 static int group_check_open(GroupObject *self)
 {
@@ -45,8 +41,10 @@ static PyObject *Group_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static void Group_dealloc(GroupObject *self)
 {
     if (self->group != NULL) {
-        Py_BEGIN_ALLOW_THREADS fs_group_free(self->group);
-        Py_END_ALLOW_THREADS self->group = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        fs_group_free(self->group);
+        Py_END_ALLOW_THREADS
+        self->group = NULL;
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -60,9 +58,10 @@ static PyObject *Group_fork(GroupObject *self, PyObject *args)
         return NULL;
     if (group_check_open(self) < 0)
         return NULL;
-    fs_fork_opts_t opts = {.new_process_group = new_pgrp,
-                           .parent_death_signal = death_signal,
-                           .guardian_fd = -1 /* the atfork handler closes it */};
+    fs_fork_opts_t opts;
+    fs_fork_opts_init(&opts); /* the process guardian needs no guardian_fd: atfork closes it */
+    opts.new_process_group = new_pgrp;
+    opts.parent_death_signal = death_signal;
     fs_error_t err;
     fs_error_clear(&err);
     int wfd = -1;
@@ -126,22 +125,10 @@ static PyObject *Group_attach_status_fd(GroupObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* Convert a timeout in seconds (None: no limit) to milliseconds (-1: none). */
-static int timeout_to_ms(PyObject *obj, int64_t *out)
+/* Seconds (None or math.inf: no limit) to milliseconds (-1: no limit). */
+static int timeout_to_ms(PyObject *obj, const char *what, int64_t *out)
 {
-    if (obj == Py_None) {
-        *out = -1;
-        return 0;
-    }
-    double s = PyFloat_AsDouble(obj);
-    if (s == -1.0 && PyErr_Occurred())
-        return -1;
-    if (!(s >= 0.0)) {
-        PyErr_Format(PyExc_ValueError, "timeout must be None or >= 0 seconds, got %R", obj);
-        return -1;
-    }
-    *out = s > 1e12 ? (int64_t)1e15 : (int64_t)(s * 1000.0 + 0.5);
-    return 0;
+    return fs_py_timeout_ms(obj, what, -1, -1, 0, out);
 }
 
 /* wait(timeout=None) -> number of ranks that exited during the call (0 on
@@ -152,7 +139,7 @@ static PyObject *Group_wait(GroupObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "|O", &timeout_obj) || group_check_open(self) < 0)
         return NULL;
     int64_t timeout_ms;
-    if (timeout_to_ms(timeout_obj, &timeout_ms) < 0)
+    if (timeout_to_ms(timeout_obj, "timeout", &timeout_ms) < 0)
         return NULL;
     int64_t deadline = timeout_ms < 0 ? -1 : fs_now_ms() + timeout_ms;
     for (;;) {
@@ -164,9 +151,10 @@ static PyObject *Group_wait(GroupObject *self, PyObject *args)
         fs_error_t err;
         fs_error_clear(&err);
         int rc;
-        Py_BEGIN_ALLOW_THREADS rc = fs_group_wait(self->group, slice, &err);
-        Py_END_ALLOW_THREADS if (rc == FS_EINTR)
-        {
+        Py_BEGIN_ALLOW_THREADS
+        rc = fs_group_wait(self->group, slice, &err);
+        Py_END_ALLOW_THREADS
+        if (rc == FS_EINTR) {
             if (PyErr_CheckSignals() < 0)
                 return NULL;
             continue;
@@ -185,31 +173,86 @@ static PyObject *Group_running(GroupObject *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLong(fs_group_running(self->group));
 }
 
-/* info(index) -> (pid, state, exit_code, term_signal, exit_order, killed_by_us, gone) */
+/*
+ * info(index) -> RankInfo: a struct sequence whose 7 tuple items are (pid, state,
+ * exit_code, signal, order, killed, gone), so positional unpacking keeps working, with
+ * two more fields by name only: pidfd and setup_error.
+ */
+static PyStructSequence_Field rank_info_fields[] = {
+    {"pid", "the rank's pid (0 before it started)"},
+    {"state", "0 before it started, PROC_RUNNING, then PROC_EXITED"},
+    {"exit_code", "its exit status once it exited, else -1"},
+    {"signal", "the signal that killed it, else 0"},
+    {"order", "1 for the first rank seen to exit, 2 for the next, ...; 0 while it runs"},
+    {"killed", "1 once the supervisor signalled it"},
+    {"gone", "1 once its exit was seen, even if its status is still to come"},
+    {"pidfd", "(by name only) its pidfd, -1 if none: open while it runs, closed once its "
+              "exit is recorded or the group closes; os.dup() it to keep one (a sentinel)"},
+    {"setup_error", "(by name only) None, or why its child-side set-up failed: the step and "
+                    "the errno (it then exited with 127)"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc rank_info_desc = {
+    "fastspawn._C.RankInfo",
+    "What the supervisor knows of one rank (Group.info): a 7-tuple (pid, state, exit_code, "
+    "signal, order, killed, gone), with pidfd and setup_error by name.",
+    rank_info_fields,
+    7,
+};
+
+static PyTypeObject *RankInfoType;
+
+/* The rank `index` that args (one int) name: NULL with IndexError when out of range. */
+static const fs_proc_t *proc_arg(GroupObject *self, PyObject *args, int *index)
+{
+    if (!PyArg_ParseTuple(args, "i", index) || group_check_open(self) < 0)
+        return NULL;
+    const fs_proc_t *p = fs_group_proc(self->group, *index);
+    if (p == NULL)
+        PyErr_Format(PyExc_IndexError, "rank index %d out of range", *index);
+    return p;
+}
+
 static PyObject *Group_info(GroupObject *self, PyObject *args)
 {
     int index;
-    if (!PyArg_ParseTuple(args, "i", &index) || group_check_open(self) < 0)
+    const fs_proc_t *p = proc_arg(self, args, &index);
+    if (p == NULL)
         return NULL;
-    const fs_proc_t *p = fs_group_proc(self->group, index);
-    if (p == NULL) {
-        PyErr_Format(PyExc_IndexError, "rank index %d out of range", index);
+    PyObject *info = PyStructSequence_New(RankInfoType);
+    if (info == NULL)
+        return NULL;
+    const long items[] = {(long)p->pid,  p->state,        p->exit.exit_code, p->exit.term_signal,
+                          p->exit_order, p->killed_by_us, p->gone,           p->pidfd};
+    for (Py_ssize_t i = 0; i < (Py_ssize_t)(sizeof items / sizeof items[0]); i++) {
+        PyObject *v = PyLong_FromLong(items[i]);
+        if (v == NULL) {
+            Py_DECREF(info);
+            return NULL;
+        }
+        PyStructSequence_SetItem(info, i, v);
+    }
+    fs_error_t err;
+    PyObject *setup = Py_None;
+    if (fs_group_setup_error(self->group, index, &err) != FS_OK)
+        setup = PyUnicode_FromString(err.msg);
+    else
+        Py_INCREF(setup);
+    if (setup == NULL) {
+        Py_DECREF(info);
         return NULL;
     }
-    return Py_BuildValue("(iiiiiii)", (int)p->pid, p->state, p->exit.exit_code, p->exit.term_signal,
-                         p->exit_order, p->killed_by_us, p->gone);
+    PyStructSequence_SetItem(info, 8, setup);
+    return info;
 }
 
 static PyObject *Group_report(GroupObject *self, PyObject *args)
 {
     int index;
-    if (!PyArg_ParseTuple(args, "i", &index) || group_check_open(self) < 0)
+    const fs_proc_t *p = proc_arg(self, args, &index);
+    if (p == NULL)
         return NULL;
-    const fs_proc_t *p = fs_group_proc(self->group, index);
-    if (p == NULL) {
-        PyErr_Format(PyExc_IndexError, "rank index %d out of range", index);
-        return NULL;
-    }
     return PyBytes_FromStringAndSize((const char *)p->report, (Py_ssize_t)p->report_len);
 }
 
@@ -233,15 +276,18 @@ static PyObject *Group_terminate(GroupObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iO", &sig, &grace_obj) || group_check_open(self) < 0)
         return NULL;
     int64_t grace_ms;
-    if (timeout_to_ms(grace_obj, &grace_ms) < 0)
+    if (timeout_to_ms(grace_obj, "grace", &grace_ms) < 0)
         return NULL;
     if (grace_ms < 0 || grace_ms > INT32_MAX)
         grace_ms = INT32_MAX;
     fs_error_t err;
     fs_error_clear(&err);
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = fs_group_terminate(self->group, sig, (int)grace_ms, &err);
-    Py_END_ALLOW_THREADS if (rc < 0) return fs_py_raise(&err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = fs_group_terminate(self->group, sig, (int)grace_ms, &err);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return fs_py_raise(&err);
     Py_RETURN_NONE;
 }
 
@@ -250,7 +296,8 @@ static PyObject *Group_close(GroupObject *self, PyObject *Py_UNUSED(ignored))
     if (self->group != NULL) {
         fs_group_t *g = self->group;
         self->group = NULL;
-        Py_BEGIN_ALLOW_THREADS fs_group_free(g);
+        Py_BEGIN_ALLOW_THREADS
+        fs_group_free(g);
         Py_END_ALLOW_THREADS
     }
     Py_RETURN_NONE;
@@ -271,7 +318,8 @@ static PyMethodDef Group_methods[] = {
      "wait(timeout=None) -> ranks that exited during the call"},
     {"running", (PyCFunction)Group_running, METH_NOARGS, "number of running ranks"},
     {"info", (PyCFunction)Group_info, METH_VARARGS,
-     "info(index) -> (pid, state, exit_code, term_signal, exit_order, killed_by_us, gone)"},
+     "info(index) -> RankInfo(pid, state, exit_code, signal, order, killed, gone), a 7-tuple "
+     "with .pidfd (-1 if none) and .setup_error (None or str) by name"},
     {"report", (PyCFunction)Group_report, METH_VARARGS, "report(index) -> bytes"},
     {"signal", (PyCFunction)Group_signal, METH_VARARGS, "signal(sig): to every running rank"},
     {"terminate", (PyCFunction)Group_terminate, METH_VARARGS,
@@ -292,33 +340,16 @@ static PyTypeObject GroupType = {
 
 /* ---- guardian ------------------------------------------------------- */
 
-static void guardian_after_fork_child(void)
-{
-    /* The launcher's end of the guardian pipe must not live on in children,
-       or the guardian would not see EOF when the launcher dies. */
-    if (guardian.write_fd >= 0)
-        (void)close(guardian.write_fd);
-    guardian.write_fd = -1;
-    guardian.pid = 0;
-}
-
-static int guardian_ensure(fs_error_t *err)
-{
-    if (guardian.write_fd >= 0 && guardian.owner == getpid())
-        return FS_OK;
-    return fs_guardian_start(&guardian, err);
-}
-
 static PyObject *py_guardian_watch(PyObject *Py_UNUSED(m), PyObject *args)
 {
     int pgid;
     if (!PyArg_ParseTuple(args, "i", &pgid))
         return NULL;
     fs_error_t err;
-    fs_error_clear(&err);
-    if (guardian_ensure(&err) < 0 || fs_guardian_watch(&guardian, pgid, &err) < 0)
+    pid_t pid = 0;
+    if (fs_guardian_default_watch(pgid, &pid, &err) < 0)
         return fs_py_raise(&err);
-    return PyLong_FromLong(guardian.pid);
+    return PyLong_FromLong(pid);
 }
 
 static PyObject *py_guardian_unwatch(PyObject *Py_UNUSED(m), PyObject *args)
@@ -326,11 +357,8 @@ static PyObject *py_guardian_unwatch(PyObject *Py_UNUSED(m), PyObject *args)
     int pgid;
     if (!PyArg_ParseTuple(args, "i", &pgid))
         return NULL;
-    if (guardian.write_fd < 0 || guardian.owner != getpid())
-        Py_RETURN_NONE;
     fs_error_t err;
-    fs_error_clear(&err);
-    if (fs_guardian_unwatch(&guardian, pgid, &err) < 0)
+    if (fs_guardian_default_unwatch(pgid, &err) < 0)
         return fs_py_raise(&err);
     Py_RETURN_NONE;
 }
@@ -340,33 +368,33 @@ static PyObject *py_guardian_unwatch(PyObject *Py_UNUSED(m), PyObject *args)
 static PyObject *py_guardian_restart(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 {
     fs_error_t err;
-    fs_error_clear(&err);
-    if (guardian.write_fd >= 0 && guardian.owner == getpid()) {
-        (void)fs_guardian_stop(&guardian, 1000, &err);
-        fs_error_clear(&err);
-    }
-    guardian.write_fd = -1;
-    if (fs_guardian_start(&guardian, &err) < 0)
+    pid_t pid = 0;
+    if (fs_guardian_default_restart(&pid, &err) < 0)
         return fs_py_raise(&err);
-    return PyLong_FromLong(guardian.pid);
+    return PyLong_FromLong(pid);
 }
 
 static PyObject *py_guardian_pid(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 {
-    if (guardian.write_fd < 0 || guardian.owner != getpid())
+    pid_t pid = fs_guardian_default_pid();
+    if (pid == 0)
         Py_RETURN_NONE;
-    return PyLong_FromLong(guardian.pid);
+    return PyLong_FromLong(pid);
 }
 
-/* fork_rank(new_process_group, death_signal) -> pid (0 in the child): one
-   rank forked outside a group, as the zygote does. */
+/* fork_rank(new_process_group, death_signal, report_fd=-1) -> pid (0 in the child): one
+   rank forked outside a group, as the zygote does. A failed child set-up is reported on
+   report_fd (the rank's report pipe) before the child exits. */
 static PyObject *py_fork_rank(PyObject *Py_UNUSED(m), PyObject *args)
 {
-    int new_pgrp, death_signal;
-    if (!PyArg_ParseTuple(args, "pi", &new_pgrp, &death_signal))
+    int new_pgrp, death_signal, report_fd = -1;
+    if (!PyArg_ParseTuple(args, "pi|i", &new_pgrp, &death_signal, &report_fd))
         return NULL;
-    fs_fork_opts_t opts = {
-        .new_process_group = new_pgrp, .parent_death_signal = death_signal, .guardian_fd = -1};
+    fs_fork_opts_t opts;
+    fs_fork_opts_init(&opts);
+    opts.new_process_group = new_pgrp;
+    opts.parent_death_signal = death_signal;
+    opts.report_fd = report_fd;
     fs_error_t err;
     fs_error_clear(&err);
     PyOS_BeforeFork();
@@ -411,7 +439,7 @@ static PyMethodDef supervise_functions[] = {
     {"guardian_restart", py_guardian_restart, METH_NOARGS, "start a new guardian"},
     {"guardian_pid", py_guardian_pid, METH_NOARGS, "this process's guardian pid or None"},
     {"fork_rank", py_fork_rank, METH_VARARGS,
-     "fork_rank(new_process_group, death_signal) -> pid, 0 in the child"},
+     "fork_rank(new_process_group, death_signal, report_fd=-1) -> pid, 0 in the child"},
     {"child_setup", py_child_setup, METH_VARARGS,
      "child_setup(new_process_group, death_signal, expected_ppid)"},
     {"signal_name", py_signal_name, METH_VARARGS, "signal_name(sig) -> 'SIGKILL' or None"},
@@ -420,24 +448,12 @@ static PyMethodDef supervise_functions[] = {
 
 int fs_py_init_supervise(PyObject *module)
 {
-    static int atfork_done;
-    if (!atfork_done) {
-        int rc = pthread_atfork(NULL, NULL, guardian_after_fork_child);
-        if (rc != 0) {
-            errno = rc;
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-        atfork_done = 1;
-    }
-    if (PyType_Ready(&GroupType) < 0)
+    if (RankInfoType == NULL && (RankInfoType = PyStructSequence_NewType(&rank_info_desc)) == NULL)
         return -1;
-    Py_INCREF(&GroupType);
-    if (PyModule_AddObject(module, "Group", (PyObject *)&GroupType) < 0) {
-        Py_DECREF(&GroupType);
+    if (PyModule_AddObjectRef(module, "RankInfo", (PyObject *)RankInfoType) < 0)
         return -1;
-    }
-    if (PyModule_AddFunctions(module, supervise_functions) < 0)
+    if (fs_py_add_type(module, &GroupType, "Group") < 0 ||
+        PyModule_AddFunctions(module, supervise_functions) < 0)
         return -1;
     if (PyModule_AddIntConstant(module, "PROC_RUNNING", FS_PROC_RUNNING) < 0 ||
         PyModule_AddIntConstant(module, "PROC_EXITED", FS_PROC_EXITED) < 0)

@@ -10,18 +10,23 @@
  *
  * The guardian is a fork of the launcher that never returns to the caller: it
  * uses async-signal-safe calls only and static storage (no malloc).
+ *
+ * The process's own guardian (fs_guardian_default_*) is a singleton here, so a C
+ * program gets what the Python launcher gets: a pthread_atfork child handler closes its
+ * launcher end in every child forked afterwards, so only the launcher holds it (a rank
+ * holding it would keep the guardian from seeing EOF when the launcher dies).
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
-#include "fastspawn.h"
+#include "internal.h"
 
 #ifndef SYS_close_range
 #define SYS_close_range 436
@@ -31,7 +36,7 @@
 
 enum { GUARD_WATCH = 1, GUARD_UNWATCH = 2 };
 
-/* One message: 8 bytes, written atomically (far below PIPE_BUF). */
+/* One message: 8 bytes, sent in one piece on a stream socket pair. */
 struct guard_msg {
     int32_t op;
     int32_t pgid;
@@ -76,11 +81,11 @@ static void guardian_isolate_fds(int keep)
     }
     if (keep > 3 && syscall(SYS_close_range, 3, keep - 1, 0) < 0) {
         for (int fd = 3; fd < keep; fd++)
-            (void)close(fd);
+            (void)fs__close(fd);
     }
     if (syscall(SYS_close_range, keep + 1, ~0U, 0) < 0) {
         for (int fd = keep + 1; fd < 65536; fd++)
-            (void)close(fd);
+            (void)fs__close(fd);
     }
     /* devnull itself (if above 2) went with the close_range calls. */
 }
@@ -141,15 +146,15 @@ int fs_guardian_start(fs_guardian_t *gd, fs_error_t *err)
     pid_t pid = fork();
     if (pid < 0) {
         int rc = fs_error_sys(err, "fork(guardian)");
-        (void)close(sv[0]);
-        (void)close(sv[1]);
+        (void)fs__close(sv[0]);
+        (void)fs__close(sv[1]);
         return rc;
     }
     if (pid == 0) {
-        (void)close(sv[1]);
+        (void)fs__close(sv[1]);
         guardian_main(sv[0]);
     }
-    (void)close(sv[0]);
+    (void)fs__close(sv[0]);
     gd->pid = pid;
     gd->write_fd = sv[1];
     gd->owner = getpid();
@@ -192,10 +197,7 @@ int fs_guardian_stop(fs_guardian_t *gd, int timeout_ms, fs_error_t *err)
 {
     if (gd->owner != getpid())
         return FS_OK; /* a forked copy: the launcher's guardian is not ours */
-    if (gd->write_fd >= 0) {
-        (void)close(gd->write_fd);
-        gd->write_fd = -1;
-    }
+    fs__closep(&gd->write_fd);
     int64_t deadline = fs_now_ms() + (timeout_ms < 0 ? 0 : timeout_ms);
     while (gd->pid > 0) {
         pid_t r = waitpid(gd->pid, NULL, WNOHANG);
@@ -207,8 +209,131 @@ int fs_guardian_stop(fs_guardian_t *gd, int timeout_ms, fs_error_t *err)
             return fs_error_sys(err, "waitpid(guardian)");
         if (fs_now_ms() >= deadline)
             return fs_error_set(err, FS_ETIMEOUT, "the guardian %d did not exit", (int)gd->pid);
-        struct timespec ts = {0, 1000000};
-        (void)nanosleep(&ts, NULL);
+        (void)fs__sleep_ns(1000000); /* EINTR only shortens one look */
     }
     return FS_OK;
+}
+
+/* ---- the process's own guardian --------------------------------------- */
+
+/* The lock covers `process_guardian`; every fork holds it (atfork prepare) so a child
+   never copies a half-updated record. It is never held across a fork of our own. */
+static pthread_mutex_t process_lock = PTHREAD_MUTEX_INITIALIZER;
+static fs_guardian_t process_guardian = {.pid = 0, .write_fd = -1, .owner = 0};
+static pthread_once_t process_once = PTHREAD_ONCE_INIT;
+static int process_atfork_rc;
+
+static void atfork_prepare(void)
+{
+    fs__lock(&process_lock);
+}
+
+static void atfork_parent(void)
+{
+    fs__unlock(&process_lock);
+}
+
+static void atfork_child(void)
+{
+    /* The launcher's end must not live on in children, or the guardian would not see
+       EOF when the launcher dies. This thread took the lock in atfork_prepare. */
+    (void)fs__close(process_guardian.write_fd);
+    process_guardian = (fs_guardian_t){.pid = 0, .write_fd = -1, .owner = 0};
+    fs__unlock(&process_lock);
+}
+
+static void atfork_register(void)
+{
+    process_atfork_rc = pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+static int process_init(fs_error_t *err)
+{
+    int rc = pthread_once(&process_once, atfork_register);
+    if (rc == 0)
+        rc = process_atfork_rc;
+    if (rc != 0) {
+        errno = rc;
+        return fs_error_sys(err, "guardian: pthread_atfork");
+    }
+    return FS_OK;
+}
+
+/* Lock held. */
+static int process_has_guardian(void)
+{
+    return process_guardian.write_fd >= 0 && process_guardian.owner == getpid();
+}
+
+/* Start the process guardian unless it runs. The fork happens without the lock (the
+   atfork handlers take it); a guardian another thread installed meanwhile wins. */
+static int process_ensure(pid_t *guardian_pid, fs_error_t *err)
+{
+    int rc = process_init(err);
+    if (rc < 0)
+        return rc;
+    fs__lock(&process_lock);
+    int running = process_has_guardian();
+    pid_t pid = process_guardian.pid;
+    fs__unlock(&process_lock);
+    if (!running) {
+        fs_guardian_t fresh = {.pid = 0, .write_fd = -1, .owner = 0};
+        if ((rc = fs_guardian_start(&fresh, err)) < 0)
+            return rc;
+        fs__lock(&process_lock);
+        int lost = process_has_guardian();
+        if (!lost)
+            process_guardian = fresh;
+        pid = process_guardian.pid;
+        fs__unlock(&process_lock);
+        if (lost)
+            (void)fs_guardian_stop(&fresh, 1000, NULL); /* it watches nothing yet */
+    }
+    if (guardian_pid != NULL)
+        *guardian_pid = pid;
+    return FS_OK;
+}
+
+int fs_guardian_default_watch(pid_t pgid, pid_t *guardian_pid, fs_error_t *err)
+{
+    int rc = process_ensure(guardian_pid, err);
+    if (rc < 0)
+        return rc;
+    fs__lock(&process_lock);
+    rc = fs_guardian_watch(&process_guardian, pgid, err);
+    fs__unlock(&process_lock);
+    return rc;
+}
+
+int fs_guardian_default_unwatch(pid_t pgid, fs_error_t *err)
+{
+    int rc = FS_OK;
+    fs__lock(&process_lock);
+    if (process_has_guardian())
+        rc = fs_guardian_unwatch(&process_guardian, pgid, err);
+    fs__unlock(&process_lock);
+    return rc;
+}
+
+int fs_guardian_default_restart(pid_t *guardian_pid, fs_error_t *err)
+{
+    int rc = process_init(err);
+    if (rc < 0)
+        return rc;
+    fs__lock(&process_lock);
+    fs_guardian_t old = process_guardian;
+    int had = process_has_guardian();
+    process_guardian = (fs_guardian_t){.pid = 0, .write_fd = -1, .owner = 0};
+    fs__unlock(&process_lock);
+    if (had)
+        (void)fs_guardian_stop(&old, 1000, NULL); /* it died: reap it, do not wait long */
+    return process_ensure(guardian_pid, err);
+}
+
+pid_t fs_guardian_default_pid(void)
+{
+    fs__lock(&process_lock);
+    pid_t pid = process_has_guardian() ? process_guardian.pid : 0;
+    fs__unlock(&process_lock);
+    return pid;
 }

@@ -18,9 +18,9 @@
 #include "fastspawn.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FS_NO_CLONES)
-#define FS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
-#define FS_CLONES
+#define CLONES
 #endif
 
 #define VBYTES 64 /* one AVX-512 register; narrower ISAs split it */
@@ -117,7 +117,7 @@ int fs_reduce_supported(int dtype, int op)
 
 /* Floating types: SUM, PRODUCT, MIN, MAX (a NaN in either input wins). */
 #define DEF_FLOAT_KERNEL(NAME, T, VT, VI)                                                          \
-    FS_CLONES static void NAME(void *out_, const void *a_, const void *b_, size_t n, int op)       \
+    CLONES static void NAME(void *out_, const void *a_, const void *b_, size_t n, int op)          \
     {                                                                                              \
         KERNEL_PROLOGUE(T);                                                                        \
         switch (op) {                                                                              \
@@ -146,7 +146,7 @@ DEF_FLOAT_KERNEL(k_f64, double, vf64, vi64)
 
 /* Integer types: arithmetic in the unsigned type UT (wraps), comparisons in T. */
 #define DEF_INT_KERNEL(NAME, T, UT, VT, VU)                                                        \
-    FS_CLONES static void NAME(void *out_, const void *a_, const void *b_, size_t n, int op)       \
+    CLONES static void NAME(void *out_, const void *a_, const void *b_, size_t n, int op)          \
     {                                                                                              \
         KERNEL_PROLOGUE(T);                                                                        \
         switch (op) {                                                                              \
@@ -188,7 +188,7 @@ DEF_INT_KERNEL(k_i32, int32_t, uint32_t, vi32, vu32)
 DEF_INT_KERNEL(k_i64, int64_t, uint64_t, vi64, vu64)
 
 /* bool: any nonzero byte is true; results are 0 or 1. SUM/MAX are OR, MIN/PRODUCT AND. */
-FS_CLONES static void k_bool(void *out_, const void *a_, const void *b_, size_t n, int op)
+CLONES static void k_bool(void *out_, const void *a_, const void *b_, size_t n, int op)
 {
     unsigned char *out = out_;
     const unsigned char *a = a_, *b = b_;
@@ -218,7 +218,7 @@ FS_CLONES static void k_bool(void *out_, const void *a_, const void *b_, size_t 
 
 /* out = a / d (AVG's last step); memcpy loads/stores, so any buffer type is fine. */
 #define DEF_DIV(NAME, T, VT)                                                                       \
-    FS_CLONES static void NAME(void *out_, const void *a_, size_t n, T d)                          \
+    CLONES static void NAME(void *out_, const void *a_, size_t n, T d)                             \
     {                                                                                              \
         unsigned char *out = out_;                                                                 \
         const unsigned char *a = a_;                                                               \
@@ -299,7 +299,7 @@ DEF_DIV(div_f64, double, vf64)
 
 typedef uint32_t su32;
 
-FS_CLONES static void half_to_f32(float *out, const uint16_t *in, size_t n, int bf16)
+CLONES static void half_to_f32(float *out, const uint16_t *in, size_t n, int bf16)
 {
     size_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -336,7 +336,7 @@ FS_CLONES static void half_to_f32(float *out, const uint16_t *in, size_t n, int 
     }
 }
 
-FS_CLONES static void f32_to_half(uint16_t *out, const float *in, size_t n, int bf16)
+CLONES static void f32_to_half(uint16_t *out, const float *in, size_t n, int bf16)
 {
     size_t i = 0;
     for (; i + 16 <= n; i += 16) {

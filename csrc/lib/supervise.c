@@ -7,8 +7,8 @@
  * epoll set covers both, so waiting costs no CPU. Ranks that another process
  * reaps (zygote children) get their exit status from a status fd instead.
  *
- * Code in the child between fork() and the return to the caller uses only
- * async-signal-safe calls: the parent may have other threads holding locks.
+ * The child side of fs_group_fork (async-signal-safe only) is child.c's; a child whose
+ * set-up failed leaves a record in its report pipe, decoded here (finish_exit).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -16,26 +16,23 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "fastspawn.h"
+#include "internal.h"
 
-#ifndef SYS_pidfd_open
-#define SYS_pidfd_open 434
-#endif
 #ifndef P_PIDFD
 #define P_PIDFD 3
 #endif
 
 /* A report larger than this is truncated: results and tracebacks are small. */
-#define FS_REPORT_MAX ((size_t)256 << 20)
+#define REPORT_MAX ((size_t)256 << 20)
 /* Without pidfds (kernels < 5.3) we fall back to polling waitpid this often. */
-#define FS_FALLBACK_POLL_MS 20
+#define FALLBACK_POLL_MS 20
 /* After SIGKILL a process normally vanishes at once; do not wait forever. */
-#define FS_KILL_REAP_MS 10000
+#define KILL_REAP_MS 10000
+/* One epoll_wait / fs_group_wait slice at most (an int of milliseconds). */
+#define WAIT_SLICE_MAX_MS 1000000
 
 /* epoll user data: which kind of fd, and the rank index. */
 enum { EV_PIDFD = 1, EV_REPORT = 2, EV_STATUS = 3 };
@@ -55,20 +52,6 @@ struct fs_group {
     fs_proc_t procs[];
 };
 
-static int pidfd_open_or_fallback(pid_t pid, int *out, fs_error_t *err)
-{
-    long fd = syscall(SYS_pidfd_open, pid, 0);
-    if (fd >= 0) {
-        *out = (int)fd;
-        return FS_OK;
-    }
-    if (errno == ENOSYS) {
-        *out = -1;
-        return FS_OK;
-    }
-    return fs_error_sys(err, "pidfd_open(%d)", (int)pid);
-}
-
 static int epoll_watch(fs_group_t *g, int fd, int kind, int index, fs_error_t *err)
 {
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = EV_PACK(kind, index)};
@@ -77,22 +60,14 @@ static int epoll_watch(fs_group_t *g, int fd, int kind, int index, fs_error_t *e
     return FS_OK;
 }
 
-static void close_fd(int *fd)
-{
-    if (*fd >= 0) {
-        (void)close(*fd);
-        *fd = -1;
-    }
-}
-
 /* Remove fd from the epoll set, then close it. close() alone is not enough: a
    forked child may still hold a copy of the file description, and epoll then
    keeps reporting it under the old (now reused or closed) number. */
 static void unwatch_close(fs_group_t *g, int *fd)
 {
     if (*fd >= 0 && g->epfd >= 0)
-        (void)epoll_ctl(g->epfd, EPOLL_CTL_DEL, *fd, NULL);
-    close_fd(fd);
+        (void)epoll_ctl(g->epfd, EPOLL_CTL_DEL, *fd, NULL); /* ENOENT: never added */
+    fs__closep(fd);
 }
 
 int fs_group_new(int nprocs, fs_group_t **out, fs_error_t *err)
@@ -112,8 +87,9 @@ int fs_group_new(int nprocs, fs_group_t **out, fs_error_t *err)
     }
     g->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (g->epfd < 0) {
+        int rc = fs_error_sys(err, "epoll_create1");
         free(g);
-        return fs_error_sys(err, "epoll_create1");
+        return rc;
     }
     *out = g;
     return FS_OK;
@@ -179,7 +155,7 @@ static int drain_report(fs_group_t *g, fs_proc_t *p, fs_error_t *err)
             return FS_OK;
         }
         size_t want = p->report_len + (size_t)n;
-        if (want > FS_REPORT_MAX)
+        if (want > REPORT_MAX)
             continue; /* keep reading so the writer never blocks; drop the excess */
         if (want > p->report_cap) {
             size_t cap = p->report_cap ? p->report_cap : 4096;
@@ -232,11 +208,15 @@ static int status_from_siginfo(const siginfo_t *si)
     return si->si_status & 0x7f; /* CLD_KILLED / CLD_DUMPED: the signal number */
 }
 
-/* Finish a rank whose exit we learned of: read the last of its report first. */
+/* Finish a rank whose exit we learned of: read the last of its report first. A child
+   whose set-up failed (child.c) left a record there instead of a report: take it out. */
 static int finish_exit(fs_group_t *g, fs_proc_t *p, int wait_status, fs_error_t *err)
 {
     int rc = drain_report(g, p, err);
     record_exit(g, p, wait_status);
+    if (p->exit.exit_code == FS_CHILD_SETUP_EXIT &&
+        fs__child_record_decode(p->report, p->report_len, &p->setup_step, &p->setup_errno))
+        p->report_len = 0;
     /* Whatever a surviving grandchild writes later is not the rank's report. */
     unwatch_close(g, &p->report_fd);
     return rc;
@@ -369,15 +349,17 @@ int fs_group_wait(fs_group_t *g, int timeout_ms, fs_error_t *err)
         if (deadline >= 0) {
             int64_t left = deadline - fs_now_ms();
             last_round = left <= 0; /* still look once, without blocking */
-            wait_ms = left <= 0 ? 0 : (left > 1000000 ? 1000000 : (int)left);
+            wait_ms = left <= 0 ? 0 : (int)(left > WAIT_SLICE_MAX_MS ? WAIT_SLICE_MAX_MS : left);
         }
-        if (any_fallback && (wait_ms < 0 || wait_ms > FS_FALLBACK_POLL_MS))
-            wait_ms = FS_FALLBACK_POLL_MS;
+        if (any_fallback && (wait_ms < 0 || wait_ms > FALLBACK_POLL_MS))
+            wait_ms = FALLBACK_POLL_MS;
         struct epoll_event events[64];
         int n = epoll_wait(g->epfd, events, 64, wait_ms);
         if (n < 0) {
             if (errno == EINTR)
-                return exited_count(g) > before ? exited_count(g) - before : FS_EINTR;
+                return exited_count(g) > before
+                           ? exited_count(g) - before
+                           : fs_error_set(err, FS_EINTR, "interrupted by a signal");
             return fs_error_sys(err, "epoll_wait");
         }
         for (int i = 0; i < n; i++) {
@@ -401,11 +383,13 @@ int fs_group_prepare_report(fs_group_t *g, int index, int *report_wfd, fs_error_
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) < 0)
         return fs_error_sys(err, "pipe2");
-    if (fcntl(fds[0], F_SETFL, O_NONBLOCK) < 0 ||
-        epoll_watch(g, fds[0], EV_REPORT, index, err) < 0) {
-        rc = err->code ? err->code : fs_error_sys(err, "fcntl(O_NONBLOCK)");
-        (void)close(fds[0]);
-        (void)close(fds[1]);
+    if (fcntl(fds[0], F_SETFL, O_NONBLOCK) < 0)
+        rc = fs_error_sys(err, "fcntl(O_NONBLOCK)");
+    else
+        rc = epoll_watch(g, fds[0], EV_REPORT, index, err);
+    if (rc < 0) {
+        (void)fs__close(fds[0]);
+        (void)fs__close(fds[1]);
         return rc;
     }
     p->report_fd = fds[0];
@@ -426,16 +410,18 @@ int fs_group_adopt(fs_group_t *g, int index, pid_t pid, int is_child, fs_error_t
     p->pid = pid;
     p->is_child = is_child != 0;
     p->state = FS_PROC_RUNNING;
-    rc = pidfd_open_or_fallback(pid, &p->pidfd, err);
-    if (rc == FS_ESYS && err->sys_errno == ESRCH && !p->is_child) {
+    p->pidfd = fs__pidfd_open(pid);
+    if (p->pidfd == FS__NO_PIDFD) {
+        p->pidfd = -1; /* kernels without pidfds: fs_group_wait polls waitpid */
+        return FS_OK;
+    }
+    if (p->pidfd < 0 && errno == ESRCH && !p->is_child) {
         /* Already gone: its status comes from whoever reaps it. */
-        fs_error_clear(err);
-        p->pidfd = -1;
         mark_gone(g, p);
         return FS_OK;
     }
-    if (rc < 0)
-        return rc;
+    if (p->pidfd < 0)
+        return fs_error_sys(err, "pidfd_open(%d)", (int)pid);
     if (p->pidfd >= 0)
         return epoll_watch(g, p->pidfd, EV_PIDFD, index, err);
     return FS_OK;
@@ -468,59 +454,18 @@ int fs_group_attach_status_fd(fs_group_t *g, int fd, fs_error_t *err)
     return FS_OK;
 }
 
-/* ---- the child side of fork (async-signal-safe only) ---------------- */
+/* ---- forking a rank -------------------------------------------------- */
 
-/* Close every fd of the launcher's bookkeeping that the rank must not hold. */
+/* In the child: close every fd of the launcher's bookkeeping that the rank must not
+   hold (async-signal-safe). */
 static void child_close_group_fds(fs_group_t *g)
 {
     for (int i = 0; i < g->nprocs; i++) {
-        if (g->procs[i].report_fd >= 0)
-            (void)close(g->procs[i].report_fd);
-        if (g->procs[i].pidfd >= 0)
-            (void)close(g->procs[i].pidfd);
+        (void)fs__close(g->procs[i].report_fd);
+        (void)fs__close(g->procs[i].pidfd);
     }
-    if (g->status_fd >= 0)
-        (void)close(g->status_fd);
-    (void)close(g->epfd);
-}
-
-static void child_die_with(int sig)
-{
-    /* The launcher already died: behave as if the death signal had arrived. */
-    (void)kill(getpid(), sig);
-    _exit(128 + sig);
-}
-
-static int child_setup_common(int new_process_group, int parent_death_signal, pid_t expected_ppid)
-{
-    if (new_process_group && setpgid(0, 0) < 0 && errno != EPERM)
-        return -1; /* EPERM: already a session leader, nothing to do */
-    if (parent_death_signal > 0) {
-        if (prctl(PR_SET_PDEATHSIG, (unsigned long)parent_death_signal) < 0)
-            return -1;
-        /* The parent may have died before prctl took effect. */
-        if (getppid() != expected_ppid)
-            child_die_with(parent_death_signal);
-    }
-    return 0;
-}
-
-pid_t fs_fork_rank(const fs_fork_opts_t *opts, fs_error_t *err)
-{
-    pid_t parent = getpid();
-    pid_t pid = fork();
-    if (pid < 0)
-        return fs_error_sys(err, "fork");
-    if (pid == 0) {
-        if (opts->guardian_fd >= 0)
-            (void)close(opts->guardian_fd);
-        if (child_setup_common(opts->new_process_group, opts->parent_death_signal, parent) < 0)
-            _exit(126);
-        return 0;
-    }
-    if (opts->new_process_group)
-        (void)setpgid(pid, pid);
-    return pid;
+    (void)fs__close(g->status_fd);
+    (void)fs__close(g->epfd);
 }
 
 pid_t fs_group_fork(fs_group_t *g, int index, const fs_fork_opts_t *opts, int *report_wfd,
@@ -530,24 +475,22 @@ pid_t fs_group_fork(fs_group_t *g, int index, const fs_fork_opts_t *opts, int *r
     int rc = fs_group_prepare_report(g, index, &wfd, err);
     if (rc < 0)
         return rc;
-    pid_t parent = getpid();
+    struct fs__child_plan plan;
+    fs__child_plan(&plan, opts, wfd);
     pid_t pid = fork();
     if (pid < 0) {
         rc = fs_error_sys(err, "fork(rank %d)", index);
-        (void)close(wfd);
+        (void)fs__close(wfd);
         unwatch_close(g, &g->procs[index].report_fd);
         return rc;
     }
     if (pid == 0) {
         child_close_group_fds(g);
-        if (opts->guardian_fd >= 0)
-            (void)close(opts->guardian_fd);
-        if (child_setup_common(opts->new_process_group, opts->parent_death_signal, parent) < 0)
-            _exit(126);
+        fs__child_setup_or_exit(&plan);
         *report_wfd = wfd;
         return 0;
     }
-    (void)close(wfd);
+    (void)fs__close(wfd);
     /* Both sides call setpgid so the group exists before the parent signals it. */
     if (opts->new_process_group)
         (void)setpgid(pid, pid);
@@ -561,19 +504,17 @@ pid_t fs_group_fork(fs_group_t *g, int index, const fs_fork_opts_t *opts, int *r
     return pid;
 }
 
-int fs_child_setup(int new_process_group, int parent_death_signal, pid_t expected_ppid,
-                   fs_error_t *err)
+int fs_group_setup_error(const fs_group_t *g, int index, fs_error_t *err)
 {
-    if (new_process_group && setpgid(0, 0) < 0 && errno != EPERM)
-        return fs_error_sys(err, "setpgid(0, 0)");
-    if (parent_death_signal > 0) {
-        if (prctl(PR_SET_PDEATHSIG, (unsigned long)parent_death_signal) < 0)
-            return fs_error_sys(err, "prctl(PR_SET_PDEATHSIG)");
-        if (expected_ppid > 0 && getppid() != expected_ppid)
-            return fs_error_set(err, FS_EPEER, "the launcher (pid %d) is already gone",
-                                (int)expected_ppid);
-    }
-    return FS_OK;
+    int rc = check_index(g, index, err);
+    if (rc < 0)
+        return rc;
+    const fs_proc_t *p = &g->procs[index];
+    if (p->setup_step == FS_SETUP_NONE)
+        return FS_OK;
+    errno = p->setup_errno;
+    return fs_error_sys(err, "rank %d (pid %d): child set-up failed at %s", index, (int)p->pid,
+                        fs_setup_step_name(p->setup_step));
 }
 
 /* ---- stopping ---------------------------------------------------------- */
@@ -606,7 +547,7 @@ static int wait_all_until(fs_group_t *g, int64_t deadline, fs_error_t *err)
         int64_t left = deadline - fs_now_ms();
         if (left <= 0)
             return FS_ETIMEOUT;
-        int rc = fs_group_wait(g, (int)(left > 1000000 ? 1000000 : left), err);
+        int rc = fs_group_wait(g, (int)(left > WAIT_SLICE_MAX_MS ? WAIT_SLICE_MAX_MS : left), err);
         if (rc < 0 && rc != FS_EINTR)
             return rc;
     }
@@ -642,10 +583,10 @@ int fs_group_terminate(fs_group_t *g, int sig, int grace_ms, fs_error_t *err)
         if (g->procs[i].state == FS_PROC_RUNNING)
             g->procs[i].killed_by_us = 1;
     kill_rank_groups(g);
-    rc = wait_all_until(g, fs_now_ms() + FS_KILL_REAP_MS, err);
+    rc = wait_all_until(g, fs_now_ms() + KILL_REAP_MS, err);
     if (rc == FS_ETIMEOUT)
         return fs_error_set(err, FS_ETIMEOUT, "%d rank(s) did not exit within %d ms of SIGKILL",
-                            fs_group_running(g), FS_KILL_REAP_MS);
+                            fs_group_running(g), KILL_REAP_MS);
     return rc;
 }
 
@@ -659,15 +600,45 @@ void fs_group_free(fs_group_t *g)
         if (fs_group_running(g) > 0)
             (void)fs_group_terminate(g, 0, 0, &err);
         for (int i = 0; i < g->nprocs; i++) {
-            close_fd(&g->procs[i].pidfd);
-            close_fd(&g->procs[i].report_fd);
+            fs__closep(&g->procs[i].pidfd);
+            fs__closep(&g->procs[i].report_fd);
         }
-        close_fd(&g->status_fd);
-        close_fd(&g->epfd);
+        fs__closep(&g->status_fd);
+        fs__closep(&g->epfd);
     }
     /* In a forked copy the fds belong to the parent's bookkeeping (already
        closed in the child): only the memory is ours to release. */
     for (int i = 0; i < g->nprocs; i++)
         free(g->procs[i].report);
     free(g);
+}
+
+const char *fs_signal_name(int sig)
+{
+    /* sigabbrev_np needs glibc 2.32; keep our own table for portability. */
+    switch (sig) {
+    case SIGHUP: return "SIGHUP";
+    case SIGINT: return "SIGINT";
+    case SIGQUIT: return "SIGQUIT";
+    case SIGILL: return "SIGILL";
+    case SIGTRAP: return "SIGTRAP";
+    case SIGABRT: return "SIGABRT";
+    case SIGBUS: return "SIGBUS";
+    case SIGFPE: return "SIGFPE";
+    case SIGKILL: return "SIGKILL";
+    case SIGUSR1: return "SIGUSR1";
+    case SIGSEGV: return "SIGSEGV";
+    case SIGUSR2: return "SIGUSR2";
+    case SIGPIPE: return "SIGPIPE";
+    case SIGALRM: return "SIGALRM";
+    case SIGTERM: return "SIGTERM";
+    case SIGCHLD: return "SIGCHLD";
+    case SIGCONT: return "SIGCONT";
+    case SIGSTOP: return "SIGSTOP";
+    case SIGTSTP: return "SIGTSTP";
+    case SIGXCPU: return "SIGXCPU";
+    case SIGXFSZ: return "SIGXFSZ";
+    case SIGSYS: return "SIGSYS";
+    default: return NULL;
+    }
 }

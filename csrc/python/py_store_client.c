@@ -1,13 +1,12 @@
 /*
- * py_store.c - CPython binding of the rendezvous store: _C.StoreServer,
- * _C.StoreClient and _C.store_make_token. Plain C API. The GIL is released
- * around every call that can block; a blocking wait interrupted by a signal
- * runs the Python signal handlers (Ctrl-C raises KeyboardInterrupt) and, if
- * they do not raise, carries on with what is left of its deadline.
+ * py_store_client.c - CPython binding of the rendezvous store's client: _C.StoreClient
+ * and the conversion of keys, values and key lists. Plain C API. The GIL is released
+ * around every call that can block; a blocking wait interrupted by a signal runs the
+ * Python signal handlers (Ctrl-C raises KeyboardInterrupt) and, if they do not raise,
+ * carries on with what is left of its deadline.
  *
- * Timeouts are seconds (int or float): None means the client's default,
- * math.inf means no limit. fastspawn/store.py wraps these types in the
- * torch.distributed.Store subclass.
+ * Timeouts are seconds (int or float): None means the client's default, math.inf means
+ * no limit (fs_py_timeout_ms).
  */
 #include "fs_py.h"
 
@@ -17,160 +16,13 @@
 #include <string.h>
 
 /* ------------------------------------------------------------------ */
-/* Argument conversion                                                */
+/* Argument conversion (keys and values: py_store.c)                  */
 /* ------------------------------------------------------------------ */
 
-/* Seconds (None / int / float) -> timeout_ms for the C API. */
+/* Seconds (None: the client's default, math.inf: no limit) -> timeout_ms for the C API. */
 static int timeout_arg(PyObject *obj, int64_t *ms)
 {
-    if (obj == NULL || obj == Py_None) {
-        *ms = FS_STORE_DEFAULT_TIMEOUT;
-        return 0;
-    }
-    if (!PyFloat_Check(obj) && !PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError,
-                     "timeout must be a number of seconds (or None for the default), not %.100s",
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    double s = PyFloat_AsDouble(obj);
-    if (s == -1.0 && PyErr_Occurred())
-        return -1;
-    if (isnan(s) || s < 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "timeout must be >= 0 seconds (None: the default, math.inf: no limit), got %R",
-                     obj);
-        return -1;
-    }
-    double v = ceil(s * 1000.0);
-    *ms = v >= 9.2e18 ? FS_STORE_NO_TIMEOUT : (int64_t)v;
-    return 0;
-}
-
-/* A key: str (UTF-8) or bytes, no NUL, at most FS_STORE_MAX_KEY bytes. The pointer
- * stays valid while obj is alive (str caches its UTF-8). */
-static const char *key_arg(PyObject *obj, const char *what)
-{
-    const char *p;
-    Py_ssize_t n;
-    if (PyUnicode_Check(obj)) {
-        p = PyUnicode_AsUTF8AndSize(obj, &n);
-        if (p == NULL)
-            return NULL;
-    } else if (PyBytes_Check(obj)) {
-        p = PyBytes_AS_STRING(obj);
-        n = PyBytes_GET_SIZE(obj);
-    } else {
-        PyErr_Format(PyExc_TypeError, "%s must be str or bytes, not %.100s", what,
-                     Py_TYPE(obj)->tp_name);
-        return NULL;
-    }
-    if ((size_t)n > FS_STORE_MAX_KEY) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s is %zd bytes (UTF-8); the store allows at most %u: use a shorter key "
-                     "(a hash of it, for instance)",
-                     what, n, FS_STORE_MAX_KEY);
-        return NULL;
-    }
-    if (memchr(p, '\0', (size_t)n) != NULL) {
-        PyErr_Format(PyExc_ValueError, "%s %R contains a NUL character, which keys cannot hold",
-                     what, obj);
-        return NULL;
-    }
-    return p;
-}
-
-/* A value: str (UTF-8) or any bytes-like object. Release with value_release. */
-struct value {
-    Py_buffer view;
-    int have_view;
-    const void *p;
-    size_t len;
-};
-
-static int value_arg(PyObject *obj, struct value *v, const char *what)
-{
-    v->have_view = 0;
-    if (PyUnicode_Check(obj)) {
-        Py_ssize_t n;
-        const char *p = PyUnicode_AsUTF8AndSize(obj, &n);
-        if (p == NULL)
-            return -1;
-        v->p = p;
-        v->len = (size_t)n;
-        return 0;
-    }
-    if (!PyObject_CheckBuffer(obj)) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s must be bytes or str (or a bytes-like object), not %.100s", what,
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    if (PyObject_GetBuffer(obj, &v->view, PyBUF_SIMPLE) < 0)
-        return -1;
-    v->have_view = 1;
-    v->p = v->view.buf;
-    v->len = (size_t)v->view.len;
-    return 0;
-}
-
-static void value_release(struct value *v)
-{
-    if (v->have_view)
-        PyBuffer_Release(&v->view);
-    v->have_view = 0;
-}
-
-/* A sequence of keys -> a tuple (kept alive by the caller) and a C array. */
-struct keys {
-    PyObject *tuple;
-    const char **ptrs;
-    size_t n;
-};
-
-static int keys_arg(PyObject *obj, struct keys *k)
-{
-    k->tuple = NULL;
-    k->ptrs = NULL;
-    k->n = 0;
-    if (PyUnicode_Check(obj) || PyBytes_Check(obj)) {
-        PyErr_SetString(PyExc_TypeError, "keys must be a list of str, not a single key: "
-                                         "wrap it in a list");
-        return -1;
-    }
-    k->tuple = PySequence_Tuple(obj);
-    if (k->tuple == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "keys must be a list of str, not %.100s",
-                         Py_TYPE(obj)->tp_name);
-        }
-        return -1;
-    }
-    k->n = (size_t)PyTuple_GET_SIZE(k->tuple);
-    k->ptrs = PyMem_Malloc((k->n ? k->n : 1) * sizeof *k->ptrs);
-    if (k->ptrs == NULL) {
-        Py_CLEAR(k->tuple);
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (size_t i = 0; i < k->n; i++) {
-        k->ptrs[i] = key_arg(PyTuple_GET_ITEM(k->tuple, (Py_ssize_t)i), "key");
-        if (k->ptrs[i] == NULL) {
-            PyMem_Free(k->ptrs);
-            k->ptrs = NULL;
-            Py_CLEAR(k->tuple);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static void keys_release(struct keys *k)
-{
-    PyMem_Free(k->ptrs);
-    k->ptrs = NULL;
-    Py_CLEAR(k->tuple);
+    return fs_py_timeout_ms(obj, "timeout", FS_STORE_DEFAULT_TIMEOUT, FS_STORE_NO_TIMEOUT, 0, ms);
 }
 
 static PyObject *bytes_take(void *p, size_t n)
@@ -181,204 +33,28 @@ static PyObject *bytes_take(void *p, size_t n)
 }
 
 /* ------------------------------------------------------------------ */
-/* StoreServer                                                        */
-/* ------------------------------------------------------------------ */
-
-typedef struct {
-    PyObject_HEAD fs_store_server_t *srv;
-    PyObject *token; /* str */
-} ServerObject;
-
-static void server_stop(ServerObject *self)
-{
-    fs_store_server_t *s = self->srv;
-    self->srv = NULL; /* under the GIL: a second shutdown sees NULL */
-    if (s != NULL) {
-        PyThreadState *ts = PyEval_SaveThread();
-        fs_store_server_stop(s);
-        PyEval_RestoreThread(ts);
-    }
-}
-
-static void server_dealloc(ServerObject *self)
-{
-    server_stop(self);
-    Py_CLEAR(self->token);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyObject *server_start(ServerObject *self, PyObject *args, PyObject *kw)
-{
-    static char *kwlist[] = {"host",           "port",         "token", "unix_path",
-                             "max_value_size", "auth_timeout", NULL};
-    const char *host = NULL, *token = NULL, *unix_path = NULL;
-    int port = 0;
-    Py_ssize_t max_value = 0;
-    double auth_timeout = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zizznd:start", kwlist, &host, &port, &token,
-                                     &unix_path, &max_value, &auth_timeout))
-        return NULL;
-    if (self->srv != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "StoreServer is already running; shutdown() first");
-        return NULL;
-    }
-    if (port < 0 || port > 65535) {
-        PyErr_Format(PyExc_ValueError, "port must be 0 (any free port) or 1..65535, got %d", port);
-        return NULL;
-    }
-    if (max_value < 0 || auth_timeout < 0 || isnan(auth_timeout)) {
-        PyErr_SetString(PyExc_ValueError, "max_value_size and auth_timeout must be >= 0");
-        return NULL;
-    }
-    fs_error_t err;
-    char made[FS_STORE_TOKEN_LEN + 1];
-    if (token == NULL) {
-        if (fs_store_make_token(made, sizeof made, &err) < 0)
-            return fs_py_raise(&err);
-        token = made;
-    } else if (token[0] == '\0' || strlen(token) > 1024) {
-        PyErr_SetString(PyExc_ValueError, "token must be 1..1024 characters (or None: one is "
-                                          "made with getrandom)");
-        return NULL;
-    }
-    PyObject *tok = PyUnicode_FromString(token);
-    if (tok == NULL)
-        return NULL;
-    fs_store_server_opts_t o = {0};
-    o.host = host;
-    o.port = port;
-    o.token = token;
-    o.unix_path = unix_path;
-    o.max_value_size = (size_t)max_value;
-    o.auth_timeout_ms = auth_timeout * 1000 > 2e9 ? 2000000000 : (int)(auth_timeout * 1000);
-    fs_store_server_t *s = NULL;
-    int rc;
-    PyThreadState *ts = PyEval_SaveThread();
-    rc = fs_store_server_start(&o, &s, &err);
-    PyEval_RestoreThread(ts);
-    if (rc < 0) {
-        Py_DECREF(tok);
-        return fs_py_raise(&err);
-    }
-    self->srv = s;
-    Py_XSETREF(self->token, tok);
-    return Py_BuildValue("(si)", fs_store_server_host(s), fs_store_server_port(s));
-}
-
-static PyObject *server_shutdown(ServerObject *self, PyObject *unused)
-{
-    (void)unused;
-    server_stop(self);
-    Py_RETURN_NONE;
-}
-
-static PyObject *server_not_running(void)
-{
-    PyErr_SetString(PyExc_RuntimeError, "StoreServer is not running (call start())");
-    return NULL;
-}
-
-static PyObject *server_get_host(ServerObject *self, void *c)
-{
-    (void)c;
-    if (self->srv == NULL)
-        return server_not_running();
-    return PyUnicode_FromString(fs_store_server_host(self->srv));
-}
-
-static PyObject *server_get_port(ServerObject *self, void *c)
-{
-    (void)c;
-    if (self->srv == NULL)
-        return server_not_running();
-    return PyLong_FromLong(fs_store_server_port(self->srv));
-}
-
-static PyObject *server_get_unix_path(ServerObject *self, void *c)
-{
-    (void)c;
-    if (self->srv == NULL)
-        return server_not_running();
-    const char *p = fs_store_server_unix_path(self->srv);
-    if (p == NULL)
-        Py_RETURN_NONE;
-    return PyUnicode_FromString(p);
-}
-
-static PyObject *server_get_token(ServerObject *self, void *c)
-{
-    (void)c;
-    if (self->token == NULL)
-        Py_RETURN_NONE;
-    Py_INCREF(self->token);
-    return self->token;
-}
-
-static PyObject *server_get_running(ServerObject *self, void *c)
-{
-    (void)c;
-    return PyBool_FromLong(self->srv != NULL && fs_store_server_check(self->srv, NULL) == FS_OK);
-}
-
-static PyObject *server_get_num_clients(ServerObject *self, void *c)
-{
-    (void)c;
-    if (self->srv == NULL)
-        return server_not_running();
-    return PyLong_FromSize_t(fs_store_server_num_clients(self->srv));
-}
-
-static PyMethodDef server_methods[] = {
-    {"start", (PyCFunction)(void (*)(void))server_start, METH_VARARGS | METH_KEYWORDS,
-     "start(host=None, port=0, token=None, unix_path=None, max_value_size=0, auth_timeout=0)"
-     " -> (host, port)\n\nStart the server thread. host None binds 127.0.0.1, '' every "
-     "address; port 0 picks a free one; token None makes a random one (see .token); "
-     "unix_path '@' also listens on an abstract Unix socket named for you."},
-    {"shutdown", (PyCFunction)server_shutdown, METH_NOARGS,
-     "Stop the thread, close every connection. Idempotent."},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyGetSetDef server_getset[] = {
-    {"host", (getter)server_get_host, NULL, "bound numeric address", NULL},
-    {"port", (getter)server_get_port, NULL, "bound port", NULL},
-    {"unix_path", (getter)server_get_unix_path, NULL, "'@name', a path, or None", NULL},
-    {"token", (getter)server_get_token, NULL, "the token clients must present", NULL},
-    {"running", (getter)server_get_running, NULL, "True while the server thread serves", NULL},
-    {"num_clients", (getter)server_get_num_clients, NULL, "open connections", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
-static PyTypeObject ServerType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastspawn._C.StoreServer",
-    .tp_basicsize = sizeof(ServerObject),
-    .tp_dealloc = (destructor)server_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The rendezvous store server: a C thread serving keys over TCP (and optionally a "
-              "Unix socket). Use fastspawn.store.StoreServer.",
-    .tp_methods = server_methods,
-    .tp_getset = server_getset,
-    .tp_new = PyType_GenericNew,
-};
-
-/* ------------------------------------------------------------------ */
 /* StoreClient                                                        */
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    PyObject_HEAD fs_store_client_t *c;
+    PyObject_HEAD
+    fs_store_client_t *c;
     /* Serialises calls and the copy out of a value view (get, multi_get): taken with the
      * GIL released and never waited for while holding the GIL, so it cannot deadlock. */
     PyThread_type_lock lock;
     int closed;
 } ClientObject;
 
-static int64_t deadline_of(ClientObject *self, int64_t ms)
+/* now + ms on the fs_now_ms() clock, saturating: INT64_MAX means no limit. */
+static int64_t deadline_of_ms(int64_t ms)
 {
-    if (ms == FS_STORE_DEFAULT_TIMEOUT)
-        ms = fs_store_client_timeout(self->c);
     int64_t now = fs_now_ms();
     return ms > INT64_MAX - now ? INT64_MAX : now + ms;
+}
+
+static int64_t deadline_of(ClientObject *self, int64_t ms)
+{
+    return deadline_of_ms(ms == FS_STORE_DEFAULT_TIMEOUT ? fs_store_client_timeout(self->c) : ms);
 }
 
 static int64_t left_of(int64_t deadline)
@@ -483,11 +159,10 @@ static int client_init(ClientObject *self, PyObject *args, PyObject *kw)
     o.host = host;
     o.port = port;
     o.token = token;
-    o.timeout_ms = 300000; /* replaced below when a timeout was given */
+    o.timeout_ms = 0; /* the C default; replaced below when a timeout was given */
     o.interruptible = 1;
-    int64_t cdl = ctmo == FS_STORE_DEFAULT_TIMEOUT ? fs_now_ms() + 60000
-                  : ctmo > INT64_MAX / 2           ? INT64_MAX
-                                                   : fs_now_ms() + ctmo;
+    int64_t cdl = deadline_of_ms(
+        ctmo == FS_STORE_DEFAULT_TIMEOUT ? FS_STORE_DEFAULT_CONNECT_TIMEOUT_MS : ctmo);
     fs_error_t err;
     fs_store_client_t *c = NULL;
     int rc = FS_OK;
@@ -546,20 +221,20 @@ static int key_timeout_args(ClientObject *self, PyObject *args, PyObject *kw, co
     if (!PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, &kobj, &tobj) ||
         client_usable(self) < 0 || timeout_arg(tobj, ms) < 0)
         return -1;
-    *key = key_arg(kobj, "key");
+    *key = fs_py_key_arg(kobj, "key");
     return *key == NULL ? -1 : 0;
 }
 
-/* Parse (keys, timeout=None); release k with keys_release. */
+/* Parse (keys, timeout=None); release k with fs_py_keys_release. */
 static int keys_timeout_args(ClientObject *self, PyObject *args, PyObject *kw, const char *format,
-                             struct keys *k, int64_t *ms)
+                             struct fs_py_keys *k, int64_t *ms)
 {
     static char *kwlist[] = {"keys", "timeout", NULL};
     PyObject *kobj, *tobj = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, &kobj, &tobj) ||
         client_usable(self) < 0 || timeout_arg(tobj, ms) < 0)
         return -1;
-    return keys_arg(kobj, k);
+    return fs_py_keys_arg(kobj, k);
 }
 
 typedef int (*set_fn)(fs_store_client_t *, const char *, const void *, size_t, int64_t,
@@ -572,17 +247,17 @@ static PyObject *client_set_like(ClientObject *self, PyObject *args, PyObject *k
     static char *kwlist[] = {"key", "value", "timeout", NULL};
     PyObject *kobj, *vobj, *tobj = Py_None;
     int64_t ms;
-    struct value v;
+    struct fs_py_value v;
     if (!PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, &kobj, &vobj, &tobj) ||
         client_usable(self) < 0 || timeout_arg(tobj, &ms) < 0)
         return NULL;
-    const char *key = key_arg(kobj, "key");
-    if (key == NULL || value_arg(vobj, &v, "value") < 0)
+    const char *key = fs_py_key_arg(kobj, "key");
+    if (key == NULL || fs_py_value_arg(vobj, &v, "value") < 0)
         return NULL;
     fs_error_t err;
     int rc;
     FS_BLOCKING(self, ms, rc, fn(self->c, key, v.p, v.len, tmo_, &err));
-    value_release(&v);
+    fs_py_value_release(&v);
     if (rc < 0)
         return raise_rc(rc, &err);
     Py_RETURN_NONE;
@@ -624,7 +299,7 @@ static PyObject *client_add(ClientObject *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:add", kwlist, &kobj, &dobj, &tobj) ||
         client_usable(self) < 0 || timeout_arg(tobj, &ms) < 0)
         return NULL;
-    const char *key = key_arg(kobj, "key");
+    const char *key = fs_py_key_arg(kobj, "key");
     if (key == NULL)
         return NULL;
     if (!PyLong_Check(dobj)) {
@@ -654,16 +329,16 @@ static PyObject *client_compare_set(ClientObject *self, PyObject *args, PyObject
     static char *kwlist[] = {"key", "expected", "desired", "timeout", NULL};
     PyObject *kobj, *eobj, *dobj, *tobj = Py_None;
     int64_t ms;
-    struct value e, d;
+    struct fs_py_value e, d;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|O:compare_set", kwlist, &kobj, &eobj, &dobj,
                                      &tobj) ||
         client_usable(self) < 0 || timeout_arg(tobj, &ms) < 0)
         return NULL;
-    const char *key = key_arg(kobj, "key");
-    if (key == NULL || value_arg(eobj, &e, "expected") < 0)
+    const char *key = fs_py_key_arg(kobj, "key");
+    if (key == NULL || fs_py_value_arg(eobj, &e, "expected") < 0)
         return NULL;
-    if (value_arg(dobj, &d, "desired") < 0) {
-        value_release(&e);
+    if (fs_py_value_arg(dobj, &d, "desired") < 0) {
+        fs_py_value_release(&e);
         return NULL;
     }
     fs_error_t err;
@@ -672,8 +347,8 @@ static PyObject *client_compare_set(ClientObject *self, PyObject *args, PyObject
     int rc;
     FS_BLOCKING(self, ms, rc,
                 fs_store_compare_set(self->c, key, e.p, e.len, d.p, d.len, &cur, &len, tmo_, &err));
-    value_release(&e);
-    value_release(&d);
+    fs_py_value_release(&e);
+    fs_py_value_release(&d);
     if (rc < 0)
         return raise_rc(rc, &err);
     return bytes_take(cur, len);
@@ -682,13 +357,13 @@ static PyObject *client_compare_set(ClientObject *self, PyObject *args, PyObject
 static PyObject *client_wait(ClientObject *self, PyObject *args, PyObject *kw)
 {
     int64_t ms;
-    struct keys k;
+    struct fs_py_keys k;
     if (keys_timeout_args(self, args, kw, "O|O:wait", &k, &ms) < 0)
         return NULL;
     fs_error_t err;
     int rc;
     FS_BLOCKING(self, ms, rc, fs_store_wait(self->c, k.ptrs, k.n, tmo_, &err));
-    keys_release(&k);
+    fs_py_keys_release(&k);
     if (rc < 0)
         return raise_rc(rc, &err);
     Py_RETURN_NONE;
@@ -697,13 +372,13 @@ static PyObject *client_wait(ClientObject *self, PyObject *args, PyObject *kw)
 static PyObject *client_check(ClientObject *self, PyObject *args, PyObject *kw)
 {
     int64_t ms;
-    struct keys k;
+    struct fs_py_keys k;
     if (keys_timeout_args(self, args, kw, "O|O:check", &k, &ms) < 0)
         return NULL;
     fs_error_t err;
     int all = 0, rc;
     FS_BLOCKING(self, ms, rc, fs_store_check(self->c, k.ptrs, k.n, &all, tmo_, &err));
-    keys_release(&k);
+    fs_py_keys_release(&k);
     if (rc < 0)
         return raise_rc(rc, &err);
     return PyBool_FromLong(all);
@@ -743,7 +418,7 @@ static PyObject *client_num_keys(ClientObject *self, PyObject *args, PyObject *k
 static PyObject *client_multi_get(ClientObject *self, PyObject *args, PyObject *kw)
 {
     int64_t ms;
-    struct keys k;
+    struct fs_py_keys k;
     if (keys_timeout_args(self, args, kw, "O|O:multi_get", &k, &ms) < 0)
         return NULL;
     const void **vals = PyMem_Calloc(k.n ? k.n : 1, sizeof *vals);
@@ -773,7 +448,7 @@ static PyObject *client_multi_get(ClientObject *self, PyObject *args, PyObject *
 done:
     PyMem_Free(vals);
     PyMem_Free(lens);
-    keys_release(&k);
+    fs_py_keys_release(&k);
     return out;
 }
 
@@ -782,11 +457,11 @@ static PyObject *client_multi_set(ClientObject *self, PyObject *args, PyObject *
     static char *kwlist[] = {"keys", "values", "timeout", NULL};
     PyObject *kobj, *vobj, *tobj = Py_None, *vt = NULL, *out = NULL;
     int64_t ms;
-    struct keys k;
+    struct fs_py_keys k;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:multi_set", kwlist, &kobj, &vobj, &tobj) ||
-        client_usable(self) < 0 || timeout_arg(tobj, &ms) < 0 || keys_arg(kobj, &k) < 0)
+        client_usable(self) < 0 || timeout_arg(tobj, &ms) < 0 || fs_py_keys_arg(kobj, &k) < 0)
         return NULL;
-    struct value *vals = NULL;
+    struct fs_py_value *vals = NULL;
     const void **ptrs = NULL;
     size_t *lens = NULL, nv = 0;
     vt = PySequence_Tuple(vobj);
@@ -807,7 +482,7 @@ static PyObject *client_multi_set(ClientObject *self, PyObject *args, PyObject *
         goto done;
     }
     for (; nv < k.n; nv++) {
-        if (value_arg(PyTuple_GET_ITEM(vt, (Py_ssize_t)nv), &vals[nv], "value") < 0)
+        if (fs_py_value_arg(PyTuple_GET_ITEM(vt, (Py_ssize_t)nv), &vals[nv], "value") < 0)
             goto done;
         ptrs[nv] = vals[nv].p;
         lens[nv] = vals[nv].len;
@@ -823,12 +498,12 @@ static PyObject *client_multi_set(ClientObject *self, PyObject *args, PyObject *
     out = Py_None;
 done:
     for (size_t i = 0; vals != NULL && i < nv; i++)
-        value_release(&vals[i]);
+        fs_py_value_release(&vals[i]);
     PyMem_Free(vals);
     PyMem_Free(ptrs);
     PyMem_Free(lens);
     Py_XDECREF(vt);
-    keys_release(&k);
+    fs_py_keys_release(&k);
     return out;
 }
 
@@ -842,7 +517,7 @@ static PyObject *client_barrier(ClientObject *self, PyObject *args, PyObject *kw
                                      &tobj) ||
         client_usable(self) < 0 || timeout_arg(tobj, &ms) < 0)
         return NULL;
-    const char *name = key_arg(nobj, "barrier name");
+    const char *name = fs_py_key_arg(nobj, "barrier name");
     if (name == NULL)
         return NULL;
     fs_error_t err;
@@ -928,17 +603,6 @@ static PyTypeObject ClientType = {
     .tp_new = PyType_GenericNew,
 };
 
-static PyObject *py_make_token(PyObject *m, PyObject *unused)
-{
-    (void)m;
-    (void)unused;
-    char tok[FS_STORE_TOKEN_LEN + 1];
-    fs_error_t err;
-    if (fs_store_make_token(tok, sizeof tok, &err) < 0)
-        return fs_py_raise(&err);
-    return PyUnicode_FromString(tok);
-}
-
 static PyObject *py_set_timeout_error(PyObject *m, PyObject *cls)
 {
     (void)m;
@@ -952,35 +616,16 @@ static PyObject *py_set_timeout_error(PyObject *m, PyObject *cls)
     Py_RETURN_NONE;
 }
 
-static PyMethodDef store_functions[] = {
+static PyMethodDef client_functions[] = {
     {"_store_set_timeout_error", (PyCFunction)py_set_timeout_error, METH_O,
      "_store_set_timeout_error(cls): StoreClient timeouts raise cls (a TimeoutError subclass)"},
-    {"store_make_token", (PyCFunction)py_make_token, METH_NOARGS,
-     "store_make_token() -> str: 64 hex characters from getrandom()"},
     {NULL, NULL, 0, NULL},
 };
 
-static int add_type(PyObject *module, PyTypeObject *t, const char *name)
+int fs_py_init_store_client(PyObject *module)
 {
-    if (PyType_Ready(t) < 0)
-        return -1;
-    Py_INCREF(t);
-    if (PyModule_AddObject(module, name, (PyObject *)t) < 0) {
-        Py_DECREF(t);
-        return -1;
-    }
-    return 0;
-}
-
-int fs_py_init_store(PyObject *module)
-{
-    if (add_type(module, &ServerType, "StoreServer") < 0 ||
-        add_type(module, &ClientType, "StoreClient") < 0 ||
-        PyModule_AddFunctions(module, store_functions) < 0 ||
-        PyModule_AddIntConstant(module, "STORE_MAX_KEY", FS_STORE_MAX_KEY) < 0 ||
-        PyModule_AddIntConstant(module, "STORE_MAX_KEYS", FS_STORE_MAX_KEYS) < 0 ||
-        PyModule_AddIntConstant(module, "STORE_DEFAULT_MAX_VALUE",
-                                (long)FS_STORE_DEFAULT_MAX_VALUE) < 0)
+    if (fs_py_add_type(module, &ClientType, "StoreClient") < 0 ||
+        PyModule_AddFunctions(module, client_functions) < 0)
         return -1;
     return 0;
 }

@@ -1,5 +1,5 @@
 /*
- * py_coll.c - CPython binding of the shared-memory collectives (shm.c, coll_cpu.c):
+ * py_coll.c - CPython binding of the shared-memory collectives (comm.c, reduce.c):
  * the _C.Comm type, dtype / op / kind codes and a few helpers.
  *
  * Python passes raw addresses (tensor.data_ptr()), element counts and codes; the
@@ -11,7 +11,8 @@
 #include <time.h>
 
 typedef struct {
-    PyObject_HEAD fs_comm_t *comm;
+    PyObject_HEAD
+    fs_comm_t *comm;
     int busy; /* calls in progress with the GIL released (changed with the GIL held) */
 } CommObject;
 
@@ -21,26 +22,6 @@ static int comm_check_open(CommObject *self)
         PyErr_SetString(PyExc_ValueError, "the communicator was closed");
         return -1;
     }
-    return 0;
-}
-
-/* Seconds (None: default) to milliseconds (0: default). */
-static int seconds_to_ms(PyObject *obj, int64_t *out)
-{
-    if (obj == NULL || obj == Py_None) {
-        *out = 0;
-        return 0;
-    }
-    double s = PyFloat_AsDouble(obj);
-    if (s == -1.0 && PyErr_Occurred())
-        return -1;
-    if (!(s > 0.0)) {
-        PyErr_Format(PyExc_ValueError, "timeouts must be None or > 0 seconds, got %R", obj);
-        return -1;
-    }
-    *out = s > 1e12 ? (int64_t)1e15 : (int64_t)(s * 1000.0 + 0.5);
-    if (*out == 0)
-        *out = 1;
     return 0;
 }
 
@@ -65,8 +46,10 @@ static PyObject *Comm_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     fs_comm_opts_t opts;
     fs_comm_opts_init(&opts);
-    if (seconds_to_ms(timeout, &opts.timeout_ms) < 0 ||
-        seconds_to_ms(connect_timeout, &opts.connect_timeout_ms) < 0)
+    /* None: the C defaults (0); math.inf: no limit (the deadline saturates). */
+    if (fs_py_timeout_ms(timeout, "timeout", 0, INT64_MAX, 1, &opts.timeout_ms) < 0 ||
+        fs_py_timeout_ms(connect_timeout, "connect_timeout", 0, INT64_MAX, 1,
+                         &opts.connect_timeout_ms) < 0)
         return NULL;
     opts.slot_bytes = (size_t)slot_bytes;
     opts.oneshot_max = (size_t)oneshot_max;
@@ -191,17 +174,9 @@ static PyObject *Comm_wait(CommObject *self, PyObject *args)
     PyObject *timeout = Py_None;
     if (!PyArg_ParseTuple(args, "K|O", &ticket, &timeout) || comm_check_open(self) < 0)
         return NULL;
-    int64_t timeout_ms = -1;
-    if (timeout != Py_None) {
-        double s = PyFloat_AsDouble(timeout);
-        if (s == -1.0 && PyErr_Occurred())
-            return NULL;
-        if (!(s >= 0.0)) {
-            PyErr_Format(PyExc_ValueError, "timeout must be None or >= 0, got %R", timeout);
-            return NULL;
-        }
-        timeout_ms = s > 1e12 ? (int64_t)1e15 : (int64_t)(s * 1000.0 + 0.5);
-    }
+    int64_t timeout_ms = -1; /* None and math.inf: no limit */
+    if (fs_py_timeout_ms(timeout, "timeout", -1, -1, 0, &timeout_ms) < 0)
+        return NULL;
     fs_error_t err;
     fs_error_clear(&err);
     fs_comm_t *c = self->comm;
@@ -347,14 +322,8 @@ static PyMethodDef coll_functions[] = {
 
 int fs_py_init_coll(PyObject *module)
 {
-    if (PyType_Ready(&CommType) < 0)
-        return -1;
-    Py_INCREF(&CommType);
-    if (PyModule_AddObject(module, "Comm", (PyObject *)&CommType) < 0) {
-        Py_DECREF(&CommType);
-        return -1;
-    }
-    if (PyModule_AddFunctions(module, coll_functions) < 0)
+    if (fs_py_add_type(module, &CommType, "Comm") < 0 ||
+        PyModule_AddFunctions(module, coll_functions) < 0)
         return -1;
     static const struct {
         const char *name;

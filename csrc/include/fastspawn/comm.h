@@ -1,0 +1,192 @@
+/*
+ * fastspawn/comm.h - collectives of the ranks of one machine over shared memory
+ * (shm.c, comm.c, coll_cpu.c) and the reduction kernels (reduce.c).
+ * Part of the public C API; include "fastspawn.h" for all of it.
+ */
+#ifndef FASTSPAWN_COMM_H
+#define FASTSPAWN_COMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "fastspawn/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * A communicator joins the `world_size` ranks of one machine through one POSIX
+ * shared-memory segment. Rank 0 creates it under a name from fs_comm_make_name()
+ * (the caller passes the name to the other ranks, e.g. through a store); the
+ * others open it. The name is unlinked as soon as every rank has mapped it.
+ *
+ * Every collective is run by every rank in the same order with matching
+ * arguments; a mismatch (kind, dtype, op, count, root) is FS_EMISMATCH on every
+ * rank. A peer that exits or dies while others wait for it is FS_EPEER, a peer
+ * that does not arrive before the deadline is FS_ETIMEOUT; both name the rank.
+ * After any error the communicator is aborted: peers see it, and every later
+ * call fails at once with FS_EABORTED.
+ *
+ * Reductions visit the ranks in order 0..N-1 on every rank, so every rank gets
+ * bit-identical results. float16/bfloat16 accumulate in float32 and round once.
+ */
+
+enum fs_dtype {
+    FS_FLOAT32 = 0,
+    FS_FLOAT64 = 1,
+    FS_FLOAT16 = 2,
+    FS_BFLOAT16 = 3,
+    FS_INT8 = 4,
+    FS_UINT8 = 5,
+    FS_INT32 = 6,
+    FS_INT64 = 7,
+    FS_BOOL = 8, /* one byte, 0 or 1 */
+    FS_DTYPE_COUNT
+};
+
+enum fs_redop {
+    FS_SUM = 0,
+    FS_AVG = 1, /* SUM divided by world_size; floating dtypes only */
+    FS_MIN = 2, /* a NaN in any input gives NaN */
+    FS_MAX = 3,
+    FS_PRODUCT = 4,
+    FS_BAND = 5, /* bitwise ops: integer dtypes and bool only */
+    FS_BOR = 6,
+    FS_BXOR = 7,
+    FS_REDOP_COUNT
+};
+
+enum fs_coll_kind {
+    /* count is the number of elements of one rank's contribution:        */
+    FS_COLL_ALLREDUCE = 0,      /* send[count] -> recv[count] on every rank  */
+    FS_COLL_BROADCAST = 1,      /* root's recv[count] -> every recv[count]   */
+    FS_COLL_ALLGATHER = 2,      /* send[count] -> recv[count * N], by rank   */
+    FS_COLL_REDUCE_SCATTER = 3, /* send[count * N] -> recv[count], block r   */
+    FS_COLL_REDUCE = 4,         /* send[count] -> root's recv[count]         */
+    FS_COLL_GATHER = 5,         /* send[count] -> root's recv[count * N]     */
+    FS_COLL_SCATTER = 6,        /* root's send[count * N] -> recv[count]     */
+    FS_COLL_ALLTOALL = 7,       /* send[count * N] -> recv[count * N]        */
+    FS_COLL_BARRIER = 8,        /* no data                                   */
+    FS_COLL_KIND_COUNT
+};
+
+/* Bytes per element (0 for an unknown dtype) and stable names. */
+size_t fs_dtype_size(int dtype);
+const char *fs_dtype_name(int dtype);
+const char *fs_redop_name(int op);
+const char *fs_coll_name(int kind);
+
+/*
+ * out[i] = in[0][i] op in[1][i] op ... op in[nin-1][i], combined in that order
+ * (AVG: the SUM divided by nin). out may alias in[0] (and only in[0]).
+ * Returns FS_EINVAL for an unsupported dtype/op pair.
+ */
+int fs_reduce(void *out, const void *const *in, int nin, size_t count, int dtype, int op,
+              fs_error_t *err);
+/* Which kernel variant the CPU runs ("avx512f", "avx2" or "default"). */
+const char *fs_reduce_isa(void);
+/* 1 if op is defined for dtype (AVG: floating only; BAND/BOR/BXOR: integers and bool). */
+int fs_reduce_supported(int dtype, int op);
+
+/* Defaults for the options below that are left <= 0. */
+#define FS_COMM_DEFAULT_TIMEOUT_MS (30LL * 60 * 1000) /* per collective: 30 minutes */
+#define FS_COMM_DEFAULT_CONNECT_TIMEOUT_MS 60000LL    /* fs_comm_create: 60 s */
+#define FS_COMM_DEFAULT_LIVENESS_MS 100LL             /* a sleeping waiter checks peers */
+
+typedef struct fs_comm_opts {
+    int64_t timeout_ms;         /* per collective; <= 0: FS_COMM_DEFAULT_TIMEOUT_MS */
+    int64_t connect_timeout_ms; /* fs_comm_create; <= 0: FS_COMM_DEFAULT_CONNECT_TIMEOUT_MS */
+    size_t slot_bytes;          /* shared buffer per rank (two halves); 0: default */
+    size_t oneshot_max;         /* one-shot all_reduce up to this many bytes; 0: default */
+    int64_t spin_ns;            /* spin with pause first; < 0: automatic (cores vs ranks) */
+    int64_t yield_ns;           /* then poll with sched_yield before sleeping; < 0: automatic */
+    int64_t liveness_ms;        /* how often a sleeping waiter checks peers; <= 0: default */
+    int no_worker;              /* 1: no worker thread (fs_comm_submit is refused) */
+} fs_comm_opts_t;
+
+/* The defaults above; spin_ns and yield_ns automatic. */
+void fs_comm_opts_init(fs_comm_opts_t *opts);
+
+typedef struct fs_comm fs_comm_t;
+
+#define FS_COMM_NAME_MAX 64
+/* A fresh random segment name ("/fastspawn-<hex>") into buf (>= FS_COMM_NAME_MAX). */
+int fs_comm_make_name(char *buf, size_t len, fs_error_t *err);
+
+/*
+ * Join the communicator: rank 0 creates the segment `name`, the others open it
+ * (waiting up to connect_timeout_ms for it to appear). Returns once every rank
+ * has mapped it. opts may be NULL (defaults).
+ */
+int fs_comm_create(const char *name, int rank, int world_size, const fs_comm_opts_t *opts,
+                   fs_comm_t **out, fs_error_t *err);
+/*
+ * Leave: queued collectives still run (each within its own deadline), then the
+ * worker stops and the segment is unmapped. Peers that later wait for this
+ * rank get FS_EPEER. NULL is a no-op. In a child forked after fs_comm_create
+ * the communicator cannot be used (calls fail with FS_EINVAL); destroying it
+ * there only frees the child's copy and leaves the parent's rank alone.
+ */
+void fs_comm_destroy(fs_comm_t *comm);
+/* Abort: every pending and later collective here and on every peer fails. */
+void fs_comm_abort(fs_comm_t *comm, const char *reason);
+int fs_comm_rank(const fs_comm_t *comm);
+int fs_comm_world_size(const fs_comm_t *comm);
+/* FS_OK, or the code the communicator was aborted with; why (may be NULL) gets why. */
+int fs_comm_status(fs_comm_t *comm, fs_error_t *why);
+
+typedef struct fs_coll_args {
+    int kind;  /* enum fs_coll_kind */
+    int dtype; /* enum fs_dtype */
+    int op;    /* enum fs_redop (reductions only) */
+    int root;  /* broadcast, reduce, gather, scatter */
+    const void *send;
+    void *recv;
+    size_t count; /* see enum fs_coll_kind */
+} fs_coll_args_t;
+
+/* Run one collective in the calling thread (after the queued ones finish). */
+int fs_comm_run(fs_comm_t *comm, const fs_coll_args_t *args, fs_error_t *err);
+
+/* Convenience wrappers around fs_comm_run. */
+int fs_allreduce(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int op,
+                 fs_error_t *err);
+int fs_broadcast(fs_comm_t *c, void *buf, size_t count, int dtype, int root, fs_error_t *err);
+int fs_allgather(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype,
+                 fs_error_t *err);
+int fs_reduce_scatter(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int op,
+                      fs_error_t *err);
+int fs_reduce_root(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int op,
+                   int root, fs_error_t *err);
+int fs_gather(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int root,
+              fs_error_t *err);
+int fs_scatter(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype, int root,
+               fs_error_t *err);
+int fs_alltoall(fs_comm_t *c, const void *send, void *recv, size_t count, int dtype,
+                fs_error_t *err);
+int fs_barrier(fs_comm_t *c, fs_error_t *err);
+
+/*
+ * Asynchronous use: the communicator's worker thread runs submitted collectives
+ * one at a time in submission order. Tickets count up from 1. The buffers must
+ * stay valid until the ticket completes.
+ */
+int fs_comm_submit(fs_comm_t *comm, const fs_coll_args_t *args, uint64_t *ticket, fs_error_t *err);
+/*
+ * Wait until `ticket` completes (timeout_ms < 0: no limit) and return its
+ * status (error in *err). A ticket not yet submitted is waited for too. Returns
+ * FS_ETIMEOUT (ticket still pending) when timeout_ms passes, FS_ECLOSED when
+ * the communicator is being destroyed and the ticket will never run.
+ */
+int fs_comm_wait(fs_comm_t *comm, uint64_t ticket, int64_t timeout_ms, fs_error_t *err);
+/* Highest completed ticket (all lower ones completed too). */
+uint64_t fs_comm_completed(fs_comm_t *comm);
+/* Wake fs_comm_wait callers for tickets not yet submitted: they return FS_ECLOSED. */
+void fs_comm_shutdown_waiters(fs_comm_t *comm);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FASTSPAWN_COMM_H */
