@@ -5,10 +5,12 @@
 
 PY := scripts/py
 CC ?= gcc
-CFLAGS_C := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g -Wno-missing-field-initializers -Icsrc
+CFLAGS_C := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g -Wno-missing-field-initializers -Icsrc/include -Icsrc
 SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 # The C library without the CPython binding (module.c, py_*.c): usable from plain C.
-LIB_SRC := $(filter-out csrc/module.c $(wildcard csrc/py_*.c),$(wildcard csrc/*.c))
+# csrc/lib/ holds the files already written for the include/ lib/ python/ layout.
+LIB_SRC := $(filter-out csrc/module.c $(wildcard csrc/py_*.c),$(wildcard csrc/*.c)) $(wildcard csrc/lib/*.c)
+LIB_HDR := $(wildcard csrc/*.h csrc/lib/*.h csrc/include/*.h csrc/include/fastspawn/*.h)
 CTEST_SRC := $(wildcard tests/c/test_*.c)
 CTEST_BIN := $(patsubst tests/c/%.c,tests/c/bin/%,$(CTEST_SRC))
 CTEST_SAN_BIN := $(patsubst tests/c/%.c,tests/c/bin/san_%,$(CTEST_SRC))
@@ -19,7 +21,7 @@ bootstrap:
 
 build: bootstrap
 
-tests/c/bin/libfastspawn.a: $(LIB_SRC) $(wildcard csrc/*.h)
+tests/c/bin/libfastspawn.a: $(LIB_SRC) $(LIB_HDR)
 	@mkdir -p tests/c/bin/obj
 	@for f in $(LIB_SRC); do $(CC) $(CFLAGS_C) -fPIC -c $$f -o tests/c/bin/obj/$$(basename $$f .c).o || exit 1; done
 	ar rcs $@ tests/c/bin/obj/*.o
@@ -27,7 +29,7 @@ tests/c/bin/libfastspawn.a: $(LIB_SRC) $(wildcard csrc/*.h)
 tests/c/bin/%: tests/c/%.c tests/c/fs_test.h tests/c/bin/libfastspawn.a
 	$(CC) $(CFLAGS_C) $< tests/c/bin/libfastspawn.a -lpthread -ldl -lm -o $@
 
-tests/c/bin/san_%: tests/c/%.c tests/c/fs_test.h $(LIB_SRC) $(wildcard csrc/*.h)
+tests/c/bin/san_%: tests/c/%.c tests/c/fs_test.h $(LIB_SRC) $(LIB_HDR)
 	@mkdir -p tests/c/bin
 	$(CC) $(CFLAGS_C) -O1 $(SAN) $< $(LIB_SRC) -lpthread -ldl -lm -o $@
 
