@@ -16,15 +16,16 @@ if os.environ.get("FASTSPAWN_SANITIZE"):
     CFLAGS += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
     LDFLAGS += ["-fsanitize=address,undefined"]
 
-sources = sorted(glob.glob("csrc/*.c"))
+# csrc/lib/ (the C library) and csrc/python/ (the binding): the layout the tree is moving to.
+sources = sorted(glob.glob("csrc/*.c") + glob.glob("csrc/lib/*.c") + glob.glob("csrc/python/*.c"))
 
 setup(
     ext_modules=[
         Extension(
             "fastspawn._C",
             sources=sources,
-            include_dirs=["csrc"],
-            depends=glob.glob("csrc/*.h"),
+            include_dirs=["csrc/include", "csrc"],
+            depends=glob.glob("csrc/*.h") + glob.glob("csrc/lib/*.h") + glob.glob("csrc/include/*/*.h"),
             extra_compile_args=CFLAGS,
             extra_link_args=LDFLAGS,
         )

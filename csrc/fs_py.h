@@ -20,6 +20,7 @@ int fs_py_init_supervise(PyObject *module);
 /* >>> more binding init functions (store, coll) >>> */
 int fs_py_init_store(PyObject *module);
 int fs_py_init_coll(PyObject *module);
+int fs_py_init_nccl(PyObject *module); /* csrc/python/py_nccl.c */
 /* <<< more binding init functions <<< */
 
 #endif /* FS_PY_H */

@@ -61,6 +61,8 @@ PyMODINIT_FUNC PyInit__C(void)
         goto fail;
     if (fs_py_init_coll(m) < 0)
         goto fail;
+    if (fs_py_init_nccl(m) < 0)
+        goto fail;
     /* <<< more binding init calls <<< */
     return m;
 fail:

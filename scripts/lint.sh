@@ -13,7 +13,8 @@ py=$(cat .fs-python 2>/dev/null || echo python3)
 inc=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 status=0
 echo "== clang-format"
-for f in csrc/*.c csrc/*.h tests/c/*.c tests/c/*.h; do
+for f in csrc/*.c csrc/*.h csrc/lib/*.[ch] csrc/include/fastspawn/*.h csrc/python/*.c tests/c/*.c \
+    tests/c/*.h tests/c/fake_cuda/*.[ch] tests/c/abi/*.c; do
     if ! clang-format --dry-run --Werror "$f" >/dev/null 2>&1; then
         echo "needs formatting: $f (run: make format)"; status=1
     fi
@@ -22,8 +23,10 @@ echo "== cppcheck"
 # Python.h is not given to cppcheck (slow), so it cannot see that Py_RETURN_NONE
 # returns: missingReturn is a false positive in the binding files only.
 cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability --std=c11 \
-    --inline-suppr -D_GNU_SOURCE -Icsrc --suppress='missingReturn:csrc/py_*.c' csrc/*.c || status=1
+    --inline-suppr -D_GNU_SOURCE -Icsrc/include -Icsrc --suppress='missingReturn:csrc/py_*.c' \
+    --suppress='missingReturn:csrc/python/*.c' csrc/*.c csrc/lib/*.c csrc/python/*.c || status=1
 echo "== clang-tidy"
-clang-tidy --quiet csrc/*.c -- -std=c11 -D_GNU_SOURCE -Icsrc -I"$inc" 2>/dev/null \
+clang-tidy --quiet csrc/*.c csrc/lib/*.c csrc/python/*.c -- -std=c11 -D_GNU_SOURCE -Icsrc/include -Icsrc \
+    -I"$inc" 2>/dev/null \
     | grep -E "warning:|error:" && status=1
 exit $status

@@ -14,7 +14,8 @@ inc=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 suffix=$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 gcc -shared -fPIC -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O1 -g \
     -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
-    -Wno-missing-field-initializers -I"$root/csrc" -I"$inc" "$root"/csrc/*.c -lpthread -ldl -lm \
+    -Wno-missing-field-initializers -I"$root/csrc/include" -I"$root/csrc" -I"$inc" "$root"/csrc/*.c \
+    "$root"/csrc/lib/*.c "$root"/csrc/python/*.c -lpthread -ldl -lm \
     -o "$work/fastspawn/_C$suffix"
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
