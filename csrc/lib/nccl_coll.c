@@ -275,7 +275,7 @@ static int premul_create(struct fs_nccl_comm *c, const fs_nccl_args_t *a, fs__nc
 
 /* An NCCL call failed: bad arguments leave the communicator usable, anything else fails it. */
 static int call_failed(struct fs_nccl_comm *c, const fs_nccl_args_t *a, fs__ncclResult_t r,
-                       int settled, fs_error_t *err)
+                       int settled, uint64_t seq, fs_error_t *err)
 {
     char why[400];
     fs__nccl_describe(c->nc, r, why, sizeof why);
@@ -283,7 +283,7 @@ static int call_failed(struct fs_nccl_comm *c, const fs_nccl_args_t *a, fs__nccl
         fs__comm_fail(c, FS_ETIMEOUT,
                       "rank %d: enqueuing %s (seq %llu) did not finish within the timeout of "
                       "%lld ms; the NCCL communicator was aborted",
-                      c->rank, fs_nccl_kind_name(a->kind), (unsigned long long)c->seq,
+                      c->rank, fs_nccl_kind_name(a->kind), (unsigned long long)seq,
                       (long long)c->timeout_ms);
         return fs__comm_error(c, err);
     }
@@ -293,13 +293,13 @@ static int call_failed(struct fs_nccl_comm *c, const fs_nccl_args_t *a, fs__nccl
     fs__comm_fail(c, fs__nccl_code(r),
                   "rank %d: %s (seq %llu) failed: %s; the NCCL communicator "
                   "was aborted",
-                  c->rank, fs_nccl_kind_name(a->kind), (unsigned long long)c->seq, why);
+                  c->rank, fs_nccl_kind_name(a->kind), (unsigned long long)seq, why);
     return fs__comm_error(c, err);
 }
 
 /* The NCCL side of one call, stream ordering included (mu held, device current). */
 static int issue(struct fs_nccl_comm *c, const fs_nccl_args_t *a, const struct dtype_info *d,
-                 fs__ncclRedOp_t op, fs_error_t *err)
+                 fs__ncclRedOp_t op, uint64_t seq, fs_error_t *err)
 {
     int rc = wait_for_caller(c, a->stream, err);
     int premul = has_op(a->kind) && a->op == FS_NCCL_PREMUL_SUM;
@@ -317,7 +317,7 @@ static int issue(struct fs_nccl_comm *c, const fs_nccl_args_t *a, const struct d
         c->group_redops[c->group_nredops++] = op;
     else if (premul && c->nccl != NULL)
         (void)c->nc->ncclRedOpDestroy(op, c->nccl); /* allowed once the call returned */
-    return r == fs__ncclSuccess ? FS_OK : call_failed(c, a, r, settled, err);
+    return r == fs__ncclSuccess ? FS_OK : call_failed(c, a, r, settled, seq, err);
 }
 
 /* Usable, and no group of another thread open (mu held). */
@@ -337,15 +337,16 @@ static int run_alone(struct fs_nccl_comm *c, const fs_nccl_args_t *a, const stru
     int rc = fs__work_new(c, work != NULL, &w, err);
     if (rc != FS_OK)
         return rc;
-    w->seq = ++c->seq;
+    w->seq = c->seq + 1; /* taken only once enqueued: a refusal uses no number */
     w->kind = a->kind;
     w->dtype = a->dtype;
     w->count = a->count;
-    rc = issue(c, a, d, op, err);
+    rc = issue(c, a, d, op, w->seq, err);
     if (rc != FS_OK) {
         fs__work_discard(w);
         return rc;
     }
+    c->seq = w->seq;
     rc = fs__work_launch(w, err);
     if (rc == FS_OK && work != NULL)
         *work = w;
@@ -358,8 +359,10 @@ int fs_nccl_run(fs_nccl_comm_t *c, const fs_nccl_args_t *a, fs_nccl_work_t **wor
         *work = NULL;
     const struct dtype_info *d = NULL;
     fs__ncclRedOp_t op = fs__ncclSum;
-    (void)pthread_mutex_lock(&c->mu);
-    int rc = check_comm(c, err);
+    int rc = fs__comm_enter(c, err);
+    if (rc != FS_OK)
+        return rc;
+    rc = check_comm(c, err);
     if (rc == FS_OK)
         rc = check_args(c, a, &d, &op, err);
     int prev = -1;
@@ -369,7 +372,7 @@ int fs_nccl_run(fs_nccl_comm_t *c, const fs_nccl_args_t *a, fs_nccl_work_t **wor
         goto out;
     if (c->group_depth == 0) {
         rc = run_alone(c, a, d, op, work, err);
-    } else if ((rc = issue(c, a, d, op, err)) == FS_OK && c->group_nops++ == 0) {
+    } else if ((rc = issue(c, a, d, op, c->seq, err)) == FS_OK && c->group_nops++ == 0) {
         c->group_kind = a->kind;
         c->group_dtype = a->dtype;
         c->group_count = a->count;
@@ -386,8 +389,10 @@ out:
 
 int fs_nccl_group_start(fs_nccl_comm_t *c, fs_error_t *err)
 {
-    (void)pthread_mutex_lock(&c->mu);
-    int rc = check_comm(c, err);
+    int rc = fs__comm_enter(c, err);
+    if (rc != FS_OK)
+        return rc;
+    rc = check_comm(c, err);
     if (rc == FS_OK) {
         fs__ncclResult_t r = c->nc->ncclGroupStart();
         if (r != fs__ncclSuccess && r != fs__ncclInProgress) {
@@ -444,11 +449,11 @@ int fs_nccl_group_end(fs_nccl_comm_t *c, fs_nccl_work_t **work, fs_error_t *err)
 {
     if (work != NULL)
         *work = NULL;
-    (void)pthread_mutex_lock(&c->mu);
-    int rc = FS_OK;
-    if (c->pid != getpid() || c->group_depth == 0 ||
-        !pthread_equal(c->group_thread, pthread_self())) {
-        rc = fs_error_set(err, FS_EINVAL, "no group of this thread (and process) is open");
+    int rc = fs__comm_enter(c, err);
+    if (rc != FS_OK)
+        return rc;
+    if (c->group_depth == 0 || !pthread_equal(c->group_thread, pthread_self())) {
+        rc = fs_error_set(err, FS_EINVAL, "no group of this thread is open");
         goto out;
     }
     if (--c->group_depth > 0) {
@@ -461,7 +466,7 @@ int fs_nccl_group_end(fs_nccl_comm_t *c, fs_nccl_work_t **work, fs_error_t *err)
         fs__comm_fail(c, c->status, "%s", c->error.msg);
         rc = fs__comm_error(c, err);
     } else if (r != fs__ncclSuccess)
-        rc = call_failed(c, &(fs_nccl_args_t){.kind = c->group_kind}, r, settled, err);
+        rc = call_failed(c, &(fs_nccl_args_t){.kind = c->group_kind}, r, settled, c->seq, err);
     else if (c->group_nops > 0)
         rc = group_work(c, work, err);
 out:

@@ -83,6 +83,14 @@ int fs__comm_usable(struct fs_nccl_comm *c, fs_error_t *err)
     return FS_OK;
 }
 
+int fs__comm_enter(struct fs_nccl_comm *c, fs_error_t *err)
+{
+    if (c->pid != getpid())
+        return fs__comm_usable(c, err);
+    (void)pthread_mutex_lock(&c->mu);
+    return FS_OK;
+}
+
 /* ncclCommAbort (or, lacking it, ncclCommDestroy) now; mu held, no group open. */
 static void abort_nccl(struct fs_nccl_comm *c)
 {
@@ -455,8 +463,10 @@ int fs_nccl_comm_destroy(fs_nccl_comm_t *c, int64_t timeout_ms, fs_error_t *err)
 
 int fs_nccl_comm_status(fs_nccl_comm_t *c, fs_error_t *why)
 {
-    (void)pthread_mutex_lock(&c->mu);
-    int rc = c->status;
+    int rc = fs__comm_enter(c, why);
+    if (rc != FS_OK)
+        return rc;
+    rc = c->status;
     if (why != NULL)
         *why = c->error;
     (void)pthread_mutex_unlock(&c->mu);
@@ -490,7 +500,8 @@ uintptr_t fs_nccl_comm_stream(const fs_nccl_comm_t *c)
 
 uint64_t fs_nccl_comm_seq(fs_nccl_comm_t *c)
 {
-    (void)pthread_mutex_lock(&c->mu);
+    if (fs__comm_enter(c, NULL) != FS_OK)
+        return c->seq; /* a forked child's copy */
     uint64_t s = c->seq;
     (void)pthread_mutex_unlock(&c->mu);
     return s;

@@ -69,6 +69,11 @@ struct fs_nccl_comm {
 
 /* nccl_comm.c */
 
+/*
+ * Lock mu for a public call. In a forked child, whose copy of mu may be held
+ * forever by a thread the fork did not copy, refuse without touching it.
+ */
+int fs__comm_enter(struct fs_nccl_comm *c, fs_error_t *err);
 /* FS_OK, or why the communicator cannot be used (mu held): its error, a fork, closing. */
 int fs__comm_usable(struct fs_nccl_comm *c, fs_error_t *err);
 /*

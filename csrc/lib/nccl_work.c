@@ -88,6 +88,13 @@ void fs_nccl_work_release(fs_nccl_work_t *w)
     if (w == NULL)
         return;
     struct fs_nccl_comm *c = w->comm;
+    if (c->pid != getpid()) { /* a forked child's copy: memory only, mu untouched */
+        if (atomic_fetch_sub(&w->refs, 1) == 1) {
+            free(w);
+            fs__comm_unref(c);
+        }
+        return;
+    }
     /* Hold the communicator across the unlock: this may be the work's last reference. */
     atomic_fetch_add(&c->refs, 1);
     (void)pthread_mutex_lock(&c->mu);
@@ -185,8 +192,11 @@ static int work_poll(struct fs_nccl_work *w, fs_error_t *err)
 int fs_nccl_work_query(fs_nccl_work_t *w, int *done, fs_error_t *err)
 {
     struct fs_nccl_comm *c = w->comm;
-    (void)pthread_mutex_lock(&c->mu);
-    int rc = work_poll(w, err);
+    *done = 0;
+    int rc = fs__comm_enter(c, err);
+    if (rc != FS_OK)
+        return rc;
+    rc = work_poll(w, err);
     *done = rc == FS_OK && w->state == FS__WORK_DONE;
     (void)pthread_mutex_unlock(&c->mu);
     return rc;
@@ -197,8 +207,9 @@ int fs_nccl_work_synchronize(fs_nccl_work_t *w, int64_t timeout_ms, fs_error_t *
     struct fs_nccl_comm *c = w->comm;
     int64_t deadline = timeout_ms < 0 ? INT64_MAX : fs_now_ms() + timeout_ms;
     long pause_ns = 1000;
-    (void)pthread_mutex_lock(&c->mu);
-    int rc;
+    int rc = fs__comm_enter(c, err);
+    if (rc != FS_OK)
+        return rc;
     /* Bounded even with no timeout: work_poll fails the work at its own deadline. */
     while ((rc = work_poll(w, err)) == FS_OK && w->state != FS__WORK_DONE) {
         if (fs_now_ms() >= deadline) {
@@ -220,8 +231,10 @@ int fs_nccl_work_synchronize(fs_nccl_work_t *w, int64_t timeout_ms, fs_error_t *
 int fs_nccl_work_wait_stream(fs_nccl_work_t *w, uintptr_t stream, fs_error_t *err)
 {
     struct fs_nccl_comm *c = w->comm;
-    (void)pthread_mutex_lock(&c->mu);
-    int rc = work_poll(w, err);
+    int rc = fs__comm_enter(c, err);
+    if (rc != FS_OK)
+        return rc;
+    rc = work_poll(w, err);
     if (rc == FS_OK) { /* even when done: cheap, and the caller's order never depends on a race */
         fs__cudaError_t e = c->cu->cudaStreamWaitEvent((fs__cudaStream_t)(void *)stream, w->end, 0);
         if (e != fs__cudaSuccess)

@@ -7,6 +7,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -19,6 +20,7 @@
 #include "fastspawn.h"
 #include "fastspawn/nccl.h"
 #include "fs_test.h"
+#include "nccl_internal.h" /* rank_fork holds the communicator's lock across a fork */
 
 /* ------------------------------------------------------------------ */
 /* Set-up helpers                                                     */
@@ -945,9 +947,11 @@ static void rank_bad_args(int rank, int world, const unsigned char *id, void *ar
     FS_CHECK_EQ(fs_nccl_run(c, &a, NULL, &err), FS_EINVAL);
     a = (fs_nccl_args_t){.kind = FS_COLL_ALLREDUCE, .dtype = FS_FLOAT32, .recv = y, .count = 2};
     FS_CHECK_EQ(fs_nccl_run(c, &a, NULL, &err), FS_EINVAL); /* NULL send */
-    a = (fs_nccl_args_t){
-        .kind = FS_COLL_ALLREDUCE, .dtype = FS_FLOAT32, .send = x, .recv = y, .count = 2};
-    FS_CHECK_EQ(fs_nccl_run(c, &a, NULL, &err), FS_OK);
+    a = sum2(x, y);
+    fs_nccl_work_t *w = NULL;
+    FS_CHECK_OK(fs_nccl_run(c, &a, &w, &err), &err);
+    FS_CHECK_EQ(fs_nccl_work_seq(w), 1); /* refusals took no sequence number */
+    fs_nccl_work_release(w);
     FS_CHECK_EQ(fs_nccl_comm_status(c, NULL), FS_OK);
     leave(c);
 }
@@ -1191,18 +1195,31 @@ static void rank_fork(int rank, int world, const unsigned char *id, void *arg)
 {
     (void)arg;
     fs_nccl_comm_t *c = join(rank, world, id, NULL);
+    fs_nccl_work_t *w = NULL;
+    fs_error_t err;
+    FS_CHECK_OK(fs_nccl_run(c, &(fs_nccl_args_t){.kind = FS_COLL_BARRIER}, &w, &err), &err);
+    /* Fork while the lock is held, as a parent thread may hold it: the child must not wait. */
+    pthread_mutex_lock(&((struct fs_nccl_comm *)c)->mu);
     pid_t pid = fork();
     if (pid == 0) {
         alarm(10); /* fs_test's limit does not reach a grandchild */
-        fs_error_t err;
         int rc = fs_nccl_run(c, &(fs_nccl_args_t){.kind = FS_COLL_BARRIER}, NULL, &err);
         int ok = rc == FS_EINVAL && strstr(err.msg, "a forked child cannot use it") != NULL;
+        int done = 0;
+        ok = ok && fs_nccl_work_query(w, &done, &err) == FS_EINVAL;
+        ok = ok && fs_nccl_work_synchronize(w, -1, &err) == FS_EINVAL;
+        ok = ok && fs_nccl_comm_status(c, &err) == FS_EINVAL;
+        ok = ok && fs_nccl_group_start(c, &err) == FS_EINVAL;
+        fs_nccl_work_release(w);
         ok = ok && fs_nccl_comm_destroy(c, 0, &err) == FS_OK;
         _exit(ok ? 0 : 1);
     }
+    pthread_mutex_unlock(&((struct fs_nccl_comm *)c)->mu);
     int st = 0;
     FS_CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0);
-    run_ok(c, (fs_nccl_args_t){.kind = FS_COLL_BARRIER}); /* the parent's is untouched */
+    FS_CHECK_OK(fs_nccl_work_synchronize(w, 5000, &err), &err); /* the parent's is untouched */
+    fs_nccl_work_release(w);
+    run_ok(c, (fs_nccl_args_t){.kind = FS_COLL_BARRIER});
     leave(c);
 }
 

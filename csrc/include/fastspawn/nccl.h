@@ -162,7 +162,10 @@ int fs_nccl_comm_create(const unsigned char id[FS_NCCL_UNIQUE_ID_BYTES], int ran
  * when that does not finish in time), stop the watchdog and free. Works the
  * caller still holds stay valid (fs_nccl_work_release frees them). Returns
  * FS_OK, or why the end was not clean (the communicator is gone either way).
- * NULL is a no-op. In a child forked after create only memory is freed.
+ * A group the calling thread left open is ended first; one another thread
+ * has open must be ended before. NULL is a no-op. In a child forked after
+ * create only memory is freed, and every other call there fails at once
+ * (FS_EINVAL) without touching locks a thread of the parent may have held.
  */
 int fs_nccl_comm_destroy(fs_nccl_comm_t *comm, int64_t timeout_ms, fs_error_t *err);
 /* Abort now (ncclCommAbort): pending works fail, later calls return FS_EABORTED with reason. */
