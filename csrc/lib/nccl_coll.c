@@ -129,6 +129,9 @@ static int map_op(unsigned caps, int dtype, int op, fs__ncclRedOp_t *out, fs_err
 /* Argument checks                                                    */
 /* ------------------------------------------------------------------ */
 
+/* fs_error_set(FS_EINVAL, ...) whose value a reader (and the analyzer) sees is non-zero. */
+#define REFUSE(err, ...) (fs_error_set((err), FS_EINVAL, __VA_ARGS__), FS_EINVAL)
+
 /* Elements each side of the call touches, for the NULL-pointer and overflow checks. */
 static int check_sizes(const fs_nccl_args_t *a, int world, size_t esize, fs_error_t *err)
 {
@@ -151,11 +154,12 @@ static int check_sizes(const fs_nccl_args_t *a, int world, size_t esize, fs_erro
 static int check_args(const struct fs_nccl_comm *c, const fs_nccl_args_t *a,
                       const struct dtype_info **dt, fs__ncclRedOp_t *op, fs_error_t *err)
 {
+    /* Literal FS_EINVAL before *dt is set: callers use *dt whenever this returns FS_OK. */
     if (!known_kind(a->kind))
-        return fs_error_set(err, FS_EINVAL, "unknown collective kind %d", a->kind);
+        return REFUSE(err, "unknown collective kind %d", a->kind);
     *dt = dtype_find(a->kind == FS_COLL_BARRIER ? FS_UINT8 : a->dtype);
     if (*dt == NULL)
-        return fs_error_set(err, FS_EINVAL, "unknown dtype code %d", a->dtype);
+        return REFUSE(err, "unknown dtype code %d", a->dtype);
     if ((*dt)->need != 0 && !(c->nc->caps & (*dt)->need))
         return version_error(err, (*dt)->name, (*dt)->need == FS_NCCL_CAP_FLOAT8 ? "2.24" : "2.10");
     *op = fs__ncclSum;
