@@ -368,10 +368,14 @@ static int comm_close(NcclCommObject *self, int64_t timeout_ms, fs_error_t *err)
     return rc;
 }
 
+/* Dropped without close(): a bounded wait, then abort (as torch's ProcessGroupNCCL does), so
+ * a garbage collection never waits for a stuck work's 30-minute deadline. */
+#define DEALLOC_WAIT_MS 10000
+
 static void NcclComm_dealloc(NcclCommObject *self)
 {
     fs_error_t err;
-    (void)comm_close(self, -1, &err); /* nobody else holds a reference: nothing is busy */
+    (void)comm_close(self, DEALLOC_WAIT_MS, &err); /* nobody else holds a reference: not busy */
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -631,7 +635,8 @@ static PyTypeObject NcclCommType = {
     .tp_doc = "NcclComm(unique_id, rank, world_size, device, *, timeout=None, init_timeout=None, "
               "watchdog_interval=None, blocking_init=False, high_priority=False): an NCCL "
               "communicator with its own stream and watchdog (timeouts in seconds; None: 30 "
-              "minutes). Needs nccl_load() and cuda_load() first.",
+              "minutes). Needs nccl_load() and cuda_load() first. Dropped without close(), it "
+              "waits up to 10 s for outstanding works, then aborts.",
     .tp_methods = NcclComm_methods,
     .tp_getset = NcclComm_getset,
     .tp_new = NcclComm_new,
