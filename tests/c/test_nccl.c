@@ -1225,6 +1225,28 @@ static void rank_fork(int rank, int world, const unsigned char *id, void *arg)
 
 RANKS_TEST(a_forked_child_cannot_use_the_communicator, 1, rank_fork)
 
+/* The fake's shared state is a memfd mapping: no name in /dev/shm or /tmp to leave behind. */
+static void rank_nothing_named(int rank, int world, const unsigned char *id, void *arg)
+{
+    (void)arg;
+    fs_nccl_comm_t *c = join(rank, world, id, NULL);
+    FILE *f = fopen("/proc/self/maps", "r");
+    FS_CHECK(f != NULL);
+    char line[512];
+    int memfd = 0, named = 0;
+    while (f != NULL && fgets(line, sizeof line, f) != NULL) {
+        memfd += strstr(line, "/memfd:fake-nccl (deleted)") != NULL;
+        named += strstr(line, "/dev/shm/") != NULL || strstr(line, " /tmp/") != NULL;
+    }
+    if (f != NULL)
+        fclose(f);
+    FS_CHECK_EQ(memfd, 1);
+    FS_CHECK_EQ(named, 0);
+    leave(c);
+}
+
+RANKS_TEST(the_fake_shares_memory_through_a_memfd_not_a_file, 2, rank_nothing_named)
+
 static void rank_unique_id_from_rank0(int rank, int world, const unsigned char *id, void *arg)
 {
     (void)id;
