@@ -1,7 +1,8 @@
 # fastspawn developer entry points. The README's two commands:
 #   make train   - the main job (DDP training through fastspawn on CPU)
 #   make test    - C tests + pytest suite
-.PHONY: bootstrap build lib test ctest pytest sanitize lint format train bench fuzz clean
+.PHONY: bootstrap build lib test ctest pytest sanitize lint format train bench fuzz clean fakes \
+    test-torch-2.1
 
 # FS_CFLAGS, FS_DEV_CFLAGS, FS_SAN_*, FS_LDLIBS: shared with setup.py.
 include csrc/flags.mk
@@ -47,13 +48,34 @@ $(LIB_SAN): $(LIB_DEPS) | .fs-python
 	FASTSPAWN_DEV=1 FASTSPAWN_SANITIZE=1 $(PY) setup.py -q build_clib
 	@touch $@
 
+# The C tests also see the fake CUDA runtime's header (tests/c/fake_cuda/fake.h).
+TEST_INC := -Itests/c/fake_cuda
+
 tests/c/bin/%: tests/c/%.c tests/c/fs_test.h $(LIB)
 	@mkdir -p $(@D)
-	$(CC) $(CFLAGS_C) $< $(LIB) $(LDLIBS_C) -o $@
+	$(CC) $(CFLAGS_C) $(TEST_INC) $< $(LIB) $(LDLIBS_C) -o $@
 
 tests/c/bin/san_%: tests/c/%.c tests/c/fs_test.h $(LIB_SAN)
 	@mkdir -p $(@D)
-	$(CC) $(CFLAGS_SAN) $< $(LIB_SAN) $(LDLIBS_C) $(FS_SAN_LDFLAGS) -o $@
+	$(CC) $(CFLAGS_SAN) $(TEST_INC) $< $(LIB_SAN) $(LDLIBS_C) $(FS_SAN_LDFLAGS) -o $@
+
+# A fake CUDA runtime + NCCL (host memory for device memory, threads for streams, several
+# processes rendezvousing for real): test_nccl and tests/test_nccl_loader.py load them.
+FAKE_DIR := tests/c/bin/fake
+FAKE_LIBS := $(FAKE_DIR)/libcudart.so.13 $(FAKE_DIR)/libnccl.so.2
+FAKE_CFLAGS := $(CFLAGS_C) $(TEST_INC) -fPIC -shared -fvisibility=default  # they export an ABI
+FAKE_HDRS := tests/c/fake_cuda/fake.h csrc/lib/cuda_abi.h csrc/lib/nccl_abi.h
+
+$(FAKE_DIR)/libcudart.so.13: tests/c/fake_cuda/fake_cudart.c $(FAKE_HDRS)
+	@mkdir -p $(FAKE_DIR)
+	$(CC) $(FAKE_CFLAGS) -Wl,-soname,libcudart.so.13 $< -pthread -o $@
+
+$(FAKE_DIR)/libnccl.so.2: tests/c/fake_cuda/fake_nccl.c $(FAKE_HDRS) $(FAKE_DIR)/libcudart.so.13
+	$(CC) $(FAKE_CFLAGS) -Wl,-soname,libnccl.so.2 $< -L$(FAKE_DIR) -l:libcudart.so.13 \
+	    -Wl,-rpath,'$$ORIGIN' -pthread -lm -o $@
+
+fakes: $(FAKE_LIBS)
+tests/c/bin/test_nccl tests/c/bin/san_test_nccl: $(FAKE_LIBS)
 
 examples/c/bin/%: examples/c/%.c $(LIB)
 	@mkdir -p $(@D)
@@ -68,7 +90,7 @@ ctest: $(CTEST_BIN) $(EXAMPLE_BIN)
 	scripts/run_ctests.sh $(CTEST_BIN)
 	scripts/run_examples.sh $(EXAMPLE_BIN)
 
-pytest: bootstrap
+pytest: bootstrap fakes
 	scripts/run_pytest.sh $(PYTEST_ARGS)
 
 # The README's test command.
@@ -76,7 +98,7 @@ test: bootstrap ctest pytest
 
 # C tests, C examples and the Python suite under AddressSanitizer + UndefinedBehaviorSanitizer.
 SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-sanitize: bootstrap $(CTEST_SAN_BIN) $(EXAMPLE_SAN_BIN)
+sanitize: bootstrap fakes $(CTEST_SAN_BIN) $(EXAMPLE_SAN_BIN)
 	$(SAN_ENV) scripts/run_ctests.sh $(CTEST_SAN_BIN)
 	$(SAN_ENV) scripts/run_examples.sh $(EXAMPLE_SAN_BIN)
 	scripts/sanitize_pytest.sh $(PYTEST_ARGS)
@@ -85,7 +107,8 @@ lint:
 	scripts/lint.sh
 
 C_FILES = $(wildcard csrc/include/*.h csrc/include/fastspawn/*.h csrc/lib/*.[ch] \
-    csrc/python/*.[ch] tests/c/*.[ch] tests/fuzz/*.c examples/c/*.c)
+    csrc/python/*.[ch] tests/c/*.[ch] tests/c/fake_cuda/*.[ch] tests/c/abi/*.[ch] \
+    tests/fuzz/*.c examples/c/*.c)
 format:
 	clang-format -i $(C_FILES)
 
@@ -100,6 +123,10 @@ bench: bootstrap
 FUZZ_SECONDS ?= 60
 fuzz:
 	scripts/fuzz_store.sh $(FUZZ_SECONDS)
+
+# The suite on the oldest torch the package supports (a venv of its own, .venv-torch-2.1.0).
+test-torch-2.1:
+	scripts/test_torch_version.sh 2.1.0
 
 clean:
 	rm -rf build tests/c/bin examples/c/bin python/fastspawn/*.so

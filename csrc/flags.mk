@@ -10,5 +10,5 @@ FS_DEV_CFLAGS := -Werror -g
 # make sanitize and setup.py with FASTSPAWN_SANITIZE=1: AddressSanitizer + UBSan.
 FS_SAN_CFLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 FS_SAN_LDFLAGS := -fsanitize=address,undefined
-# What linking libfastspawn needs.
-FS_LDLIBS := -pthread
+# What linking libfastspawn needs (-ldl: dlopen of NCCL and the CUDA runtime, glibc < 2.34).
+FS_LDLIBS := -pthread -ldl

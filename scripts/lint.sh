@@ -16,7 +16,7 @@ shopt -s nullglob
 lib=(csrc/lib/*.c)
 binding=(csrc/python/*.c)
 all=(csrc/include/*.h csrc/include/fastspawn/*.h csrc/lib/*.[ch] csrc/python/*.[ch]
-     tests/c/*.[ch] tests/fuzz/*.c examples/c/*.c)
+     tests/c/*.[ch] tests/c/fake_cuda/*.[ch] tests/c/abi/*.[ch] tests/fuzz/*.c examples/c/*.c)
 includes=(-Icsrc/include -Icsrc/lib -Icsrc/python)
 status=0
 echo "== clang-format"

@@ -62,5 +62,6 @@ int fs_py_init_supervise(PyObject *module);
 int fs_py_init_store(PyObject *module);
 int fs_py_init_store_client(PyObject *module);
 int fs_py_init_coll(PyObject *module);
+int fs_py_init_nccl(PyObject *module);
 
 #endif /* FS_PY_H */

@@ -92,6 +92,7 @@ static int (*const init_functions[])(PyObject *) = {
     fs_py_init_store,
     fs_py_init_store_client,
     fs_py_init_coll,
+    fs_py_init_nccl,
 };
 
 PyMODINIT_FUNC PyInit__C(void)
