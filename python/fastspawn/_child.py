@@ -6,45 +6,15 @@ import multiprocessing
 import multiprocessing.process as _mp_process
 import multiprocessing.util as _mp_util
 import os
-import pickle
 import signal
 import sys
 import threading
-import traceback
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import _C
-
-RESULT = "result"
-ERROR = "error"
+from ._report import encode_error, encode_result, write_all
 
 Payload = Tuple[Callable[..., Any], tuple, Dict[str, Any]]
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def encode_error(exc: BaseException) -> bytes:
-    tb = traceback.format_exc()
-    try:
-        exc_bytes: Optional[bytes] = pickle.dumps(exc)
-    except Exception:  # an exception that does not pickle still has its traceback
-        exc_bytes = None
-    return pickle.dumps((ERROR, tb, exc_bytes))
-
-
-def encode_result(value: Any) -> bytes:
-    if value is None:
-        return pickle.dumps((RESULT, None, None))
-    try:
-        return pickle.dumps((RESULT, pickle.dumps(value, protocol=5), None))
-    except Exception as exc:
-        note = f"the return value of type {type(value).__name__} could not be pickled: {exc}"
-        return pickle.dumps((RESULT, None, note))
 
 
 def run_rank(index: int, load: Callable[[], Payload], report_fd: int) -> int:
@@ -68,9 +38,9 @@ def run_rank(index: int, load: Callable[[], Payload], report_fd: int) -> int:
         # does); a rank that failed at the same moment still finishes its report.
         # SIGTERM stays blocked until the exit, which the report explains.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        _write_all(report_fd, encode_error(exc))
+        write_all(report_fd, encode_error(exc))
         return 1
-    _write_all(report_fd, encode_result(result))
+    write_all(report_fd, encode_result(result))
     return 0
 
 

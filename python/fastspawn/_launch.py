@@ -13,7 +13,6 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -26,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 from . import _C, _child, _pickle, _rendezvous, _zygote
 from ._errors import (OOM_HINT, ProcessExitedException, ProcessRaisedException,
                       RankFailure)
+from ._report import decode_error, decode_result
 
 START_METHODS = ("auto", "fork", "zygote", "spawn", "forkserver")
 #: fastspawn's default: fork when that is safe, else fork from the zygote.
@@ -468,7 +468,7 @@ class ProcessContext:
             pid, state, code, sig, order, killed, _gone = self._info(index)
             if state != _C.PROC_EXITED or (code == 0 and not sig):
                 continue
-            traceback, exception = _decode_error(self._group.report(index))
+            traceback, exception = decode_error(self._group.report(index))
             if killed and traceback is None:
                 continue  # stopped by us after another rank failed: not a cause
             failures.append(RankFailure(
@@ -482,7 +482,7 @@ class ProcessContext:
     def _finish_success(self) -> None:
         results = []
         for index in range(self.nprocs):
-            value, note = _decode_result(self._group.report(index))
+            value, note = decode_result(self._group.report(index))
             if note:
                 warnings.warn(f"fastspawn: process {index}: {note}; its result is None",
                               RuntimeWarning, stacklevel=3)
@@ -523,38 +523,6 @@ class SpawnContext(ProcessContext):
         warnings.warn("SpawnContext is renamed to ProcessContext since 1.4 release.",
                       stacklevel=2)
         super().__init__(*args, **kwargs)
-
-
-def _decode_error(report: bytes) -> tuple:
-    if not report:
-        return None, None
-    try:
-        kind, tb, exc_bytes = pickle.loads(report)
-    except Exception:
-        return None, None
-    if kind != _child.ERROR:
-        return None, None
-    exception = None
-    if exc_bytes is not None:
-        try:
-            exception = pickle.loads(exc_bytes)
-        except Exception:
-            exception = None
-    return tb, exception
-
-
-def _decode_result(report: bytes) -> tuple:
-    if not report:
-        return None, None
-    kind, value_bytes, note = pickle.loads(report)
-    if kind != _child.RESULT:
-        return None, None
-    if value_bytes is None:
-        return None, note
-    try:
-        return pickle.loads(value_bytes), None
-    except Exception as exc:
-        return None, f"its return value could not be unpickled here: {exc}"
 
 
 def _build_exception(failures: List[RankFailure]) -> BaseException:
