@@ -69,9 +69,6 @@ def _become_rank(index: int, env: Dict[str, Optional[str]], daemon: bool) -> Non
     _mp_util._run_after_forkers()  # type: ignore[attr-defined]
     if hasattr(threading.main_thread(), "_set_native_id"):
         threading.main_thread()._set_native_id()  # type: ignore[attr-defined]
-    from . import _launch
-
-    _launch._reset_after_fork()
 
 
 def _exit_process(code: int) -> None:

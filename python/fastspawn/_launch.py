@@ -22,7 +22,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-from . import _C, _child, _pickle, _rendezvous, _zygote
+from . import _C, _child, _guardian, _pickle, _rendezvous, _zygote
 from ._errors import (OOM_HINT, ProcessExitedException, ProcessRaisedException,
                       RankFailure)
 from ._report import decode_error, decode_result
@@ -42,41 +42,18 @@ log = logging.getLogger("torch.multiprocessing.spawn")
 #: Time between the forwarded Ctrl-C / SIGTERM and SIGKILL.
 INTERRUPT_GRACE = 5.0
 
-_watched: set = set()
 _live_contexts: "weakref.WeakSet[ProcessContext]" = weakref.WeakSet()
 
 
-# ------------------------------------------------------------------ guardian
-
-
-def _guardian_watch(pgid: int) -> None:
-    """Make the guardian kill this process group if we die."""
-    try:
-        _C.guardian_watch(pgid)
-    except ConnectionError:  # the guardian was killed: start another, re-register
-        _C.guardian_restart()
-        for other in _watched:
-            _C.guardian_watch(other)
-        _C.guardian_watch(pgid)
-    _watched.add(pgid)
-
-
-def _guardian_unwatch(pgid: int) -> None:
-    if pgid in _watched:
-        _watched.discard(pgid)
-        try:
-            _C.guardian_unwatch(pgid)
-        except OSError:
-            pass
-
-
-def _reset_after_fork() -> None:
-    """In a new rank: the launcher's bookkeeping is not ours."""
-    _watched.clear()
+def _forget_contexts_after_fork() -> None:
+    # In a new rank (forked by fastspawn, whose C fork paths call
+    # PyOS_AfterFork_Child, or by anything else): the launcher's jobs are not ours.
     for ctx in list(_live_contexts):
         ctx._orphaned = True
     _live_contexts.clear()
-    _zygote.forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_contexts_after_fork)
 
 
 # ------------------------------------------------------------------ checks
@@ -497,7 +474,7 @@ class ProcessContext:
             pid = self._info(index)[0]
             self._exit[index] = self._exitcode_now(index)
             if pid > 0:
-                _guardian_unwatch(pid)
+                _guardian.unwatch(pid)
         self._closed = True
         self._group.close()
         if self._mp_processes is not None:
@@ -513,7 +490,7 @@ class ProcessContext:
         # An abandoned context must not leave ranks behind (Group's dealloc kills).
         if not getattr(self, "_closed", True) and not getattr(self, "_orphaned", False):
             for pid in list(self.pids()):
-                _guardian_unwatch(pid)
+                _guardian.unwatch(pid)
 
 
 class SpawnContext(ProcessContext):
@@ -567,7 +544,7 @@ def _start_forked(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
             if pid == 0:  # the new rank; never returns
                 _child.forked_rank_main(index, lambda: (fn, args, kwargs), report_fd,
                                         envs[index], daemon)
-            _guardian_watch(pid)
+            _guardian.watch(pid)
             ctx.processes.append(RankProcess(ctx, index, pid, daemon))
     except BaseException:
         ctx._abort(signal.SIGKILL, 0)
@@ -602,7 +579,7 @@ def _start_zygote(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
     group.attach_status_fd(status_r)
     for index, pid in enumerate(pids):
         group.adopt(index, pid, False)
-        _guardian_watch(pid)
+        _guardian.watch(pid)
         ctx.processes.append(RankProcess(ctx, index, pid, daemon))
     return ctx
 
@@ -651,7 +628,7 @@ def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool
         for index, proc in enumerate(procs):
             if proc is not None and proc.pid is not None:
                 group.adopt(index, proc.pid, False)
-                _guardian_watch(proc.pid)
+                _guardian.watch(proc.pid)
                 ctx._mp_processes.append(proc)
                 ctx.processes.append(proc)
         if error is not None:

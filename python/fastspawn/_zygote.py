@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import _C
+from . import _C, _guardian
 
 _LEN = struct.Struct("<Q")
 MAX_FDS = 253  # SCM_RIGHTS limit per message
@@ -113,9 +113,7 @@ class Zygote:
             child.close()
         self.sock = parent
         self.ready = False
-        from . import _launch
-
-        _launch._guardian_watch(self.proc.pid)
+        _guardian.watch(self.proc.pid)
 
     def alive(self) -> bool:
         return self.owner == os.getpid() and self.proc.poll() is None
@@ -183,9 +181,13 @@ def get(preload: Tuple[str, ...] = DEFAULT_PRELOAD) -> Zygote:
         return _zygote
 
 
-def forget_after_fork() -> None:
+def _forget_after_fork() -> None:
+    # A forked child (a rank) starts its own zygote if it needs one.
     global _zygote
     _zygote = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 @atexit.register
