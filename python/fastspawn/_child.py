@@ -2,16 +2,12 @@
 send the result or the error report to the launcher, exit."""
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.process as _mp_process
-import multiprocessing.util as _mp_util
 import os
 import signal
 import sys
-import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from . import _C
+from . import _C, _mpcompat
 from ._report import encode_error, encode_result, write_all
 
 Payload = Tuple[Callable[..., Any], tuple, Dict[str, Any]]
@@ -59,25 +55,15 @@ def enter_rank_environment(env: Dict[str, Optional[str]]) -> None:
 def _become_rank(index: int, env: Dict[str, Optional[str]], daemon: bool) -> None:
     """Make multiprocessing and the environment see a new process (after fork)."""
     enter_rank_environment(env)
-    proc = multiprocessing.process.BaseProcess(name=f"fastspawn-rank-{index}")
-    proc._config = dict(_mp_process._current_process._config)  # type: ignore[attr-defined]
-    proc._parent_pid = os.getppid()  # type: ignore[attr-defined]
-    proc.daemon = daemon
-    _mp_process._current_process = proc  # type: ignore[attr-defined]
-    _mp_process._children = set()  # type: ignore[attr-defined]
-    _mp_util._finalizer_registry.clear()  # type: ignore[attr-defined]
-    _mp_util._run_after_forkers()  # type: ignore[attr-defined]
-    if hasattr(threading.main_thread(), "_set_native_id"):
-        threading.main_thread()._set_native_id()  # type: ignore[attr-defined]
+    _mpcompat.become_new_process(f"fastspawn-rank-{index}", daemon)
 
 
 def _exit_process(code: int) -> None:
     """Leave like multiprocessing's children do: flush Queues, then _exit."""
     try:
-        _mp_util._exit_function()  # type: ignore[attr-defined]
-        threading._shutdown()  # type: ignore[attr-defined]
+        _mpcompat.run_exit_handlers()
     finally:
-        _mp_util._flush_std_streams()  # type: ignore[attr-defined]
+        _mpcompat.flush_std_streams()
         os._exit(code)
 
 

@@ -11,7 +11,6 @@ import atexit
 import logging
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.util
 import os
 import signal
 import sys
@@ -22,7 +21,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-from . import _C, _child, _guardian, _pickle, _rendezvous, _zygote
+from . import _C, _child, _guardian, _mpcompat, _pickle, _rendezvous, _zygote
 from ._errors import (OOM_HINT, ProcessExitedException, ProcessRaisedException,
                       RankFailure)
 from ._report import decode_error, decode_result
@@ -537,7 +536,7 @@ def _start_forked(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
     death = _death_signal()
     # As multiprocessing does: unflushed output would otherwise be printed by
     # every rank as well.
-    multiprocessing.util._flush_std_streams()  # type: ignore[attr-defined]
+    _mpcompat.flush_std_streams()
     try:
         for index in range(nprocs):
             pid, report_fd = group.fork(index, True, death)

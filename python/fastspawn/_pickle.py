@@ -14,12 +14,12 @@ import io
 import sys
 import types
 from collections import ChainMap
-from multiprocessing import context as _mp_context
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, List, Tuple
 
 import cloudpickle
 
+from . import _mpcompat
 from ._errors import ArgumentPicklingError
 
 # fds received by a rank, indexed as the parent's _FdCollector numbered them.
@@ -64,7 +64,7 @@ def _reduce_code_keeping_filename(code: types.CodeType) -> tuple:
     return _rebuild_code, (rebuild, args, code.co_filename)
 
 
-_cloudpickle_code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+_cloudpickle_code_reduce = _mpcompat.cloudpickle_code_reduce()
 _own_reducers: dict = {}
 if _cloudpickle_code_reduce is not None:
     _own_reducers[types.CodeType] = _reduce_code_keeping_filename
@@ -72,7 +72,7 @@ if _cloudpickle_code_reduce is not None:
 
 class _Pickler(cloudpickle.Pickler):
     # ForkingPickler's extra reducers (Connection, socket, torch tensors) first.
-    dispatch_table = ChainMap(_own_reducers, ForkingPickler._extra_reducers,
+    dispatch_table = ChainMap(_own_reducers, _mpcompat.forking_reducers(),
                               cloudpickle.Pickler.dispatch_table)
 
 
@@ -117,13 +117,13 @@ def _describe(exc: BaseException, what: str, start_method: str) -> ArgumentPickl
 def dumps_with_fds(obj: Any, start_method: str) -> Tuple[bytes, List[int]]:
     """Pickle obj for a zygote child; returns the bytes and the fds to pass."""
     collector = _FdCollector()
-    _mp_context.set_spawning_popen(collector)
+    _mpcompat.set_spawning_popen(collector)
     try:
         data = _dumps(obj)
     except Exception as exc:
         raise _describe(exc, "the function or its arguments", start_method) from exc
     finally:
-        _mp_context.set_spawning_popen(None)
+        _mpcompat.set_spawning_popen(None)
     return data, collector.fds
 
 
@@ -134,10 +134,10 @@ def loads(data: bytes) -> Any:
 def check_picklable_for_mp(fn: Any, args: tuple, kwargs: dict, start_method: str) -> None:
     """Fail early, before any rank starts, when multiprocessing could not send these."""
     collector = _FdCollector()
-    _mp_context.set_spawning_popen(collector)
+    _mpcompat.set_spawning_popen(collector)
     try:
         ForkingPickler.dumps((fn, args, kwargs))
     except Exception as exc:
         raise _describe(exc, "the function or its arguments", start_method) from exc
     finally:
-        _mp_context.set_spawning_popen(None)
+        _mpcompat.set_spawning_popen(None)
