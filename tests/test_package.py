@@ -130,3 +130,34 @@ def test_at_fork_hooks_run_in_ranks_of_both_c_fork_paths(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[True,", "True]", "[True,", "True]"]
 
+
+
+# ----------------------------------------------------------------- Group.info
+
+
+def test_rank_info_reads_the_tuple_and_the_named_structure():
+    import collections
+
+    from fastspawn._rankinfo import RankInfo
+
+    exited = fastspawn._C.PROC_EXITED
+    from_tuple = RankInfo.from_c((4242, exited, 0, 9, 2, 1, 1))
+    assert from_tuple == (4242, exited, 0, 9, 2, True, True, -1)
+    assert (from_tuple.pid, from_tuple.signal, from_tuple.order) == (4242, 9, 2)
+    assert from_tuple.killed is True and getattr(from_tuple, "pidfd", -1) == -1
+    assert from_tuple.exited and from_tuple.failed and from_tuple.exitcode == -9
+    # The named structure the binding is moving to (field names, pidfd last).
+    named = collections.namedtuple(
+        "info", "pid state exit_code signal order killed gone pidfd")
+    from_named = RankInfo.from_c(named(4242, exited, 3, 0, 1, 0, 1, 17))
+    assert from_named.exitcode == 3 and from_named.pidfd == 17 and from_named.killed is False
+    running = RankInfo.from_c((7, fastspawn._C.PROC_RUNNING, 0, 0, 0, 0, 0))
+    assert not running.exited and not running.failed and running.exitcode is None
+
+
+def test_rank_info_from_a_live_group(no_leaks):
+    ctx = fastspawn.spawn(launcher_state, nprocs=1, join=False, start_method="fork")
+    info = ctx._info(0)
+    assert info.pid == ctx.pids()[0] and isinstance(info.killed, bool)
+    assert ctx.join(timeout=30)
+    assert ctx.processes[0].exitcode == 0

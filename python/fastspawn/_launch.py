@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 from . import _C, _child, _guardian, _mpcompat, _pickle, _rendezvous, _zygote
 from ._errors import (OOM_HINT, ProcessExitedException, ProcessRaisedException,
                       RankFailure)
+from ._rankinfo import RankInfo
 from ._report import decode_error, decode_result
 
 START_METHODS = ("auto", "fork", "zygote", "spawn", "forkserver")
@@ -321,15 +322,12 @@ class ProcessContext:
         signal.signal(signal.SIGTERM, on_sigterm)
         return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    def _info(self, index: int) -> tuple:
-        return self._group.info(index)
+    def _info(self, index: int) -> RankInfo:
+        return RankInfo.from_c(self._group.info(index))
 
     def _exitcode_now(self, index: int) -> Optional[int]:
         """multiprocessing's exitcode from the supervisor's record (None: running)."""
-        _pid, state, code, sig, _order, _killed, _gone = self._info(index)
-        if state != _C.PROC_EXITED:
-            return None
-        return -sig if sig else code
+        return self._info(index).exitcode
 
     def _exitcode(self, index: int) -> Optional[int]:
         if self._closed:
@@ -349,7 +347,7 @@ class ProcessContext:
     def _open_sentinel(self, index: int) -> int:
         """A new fd that is (or becomes) readable once rank ``index`` has ended."""
         if not self._closed and self._exitcode(index) is None:
-            pidfd = getattr(self._info(index), "pidfd", -1)
+            pidfd = self._info(index).pidfd
             if pidfd >= 0:
                 return os.dup(pidfd)
             # Not reaped yet (the supervisor reaps only in this thread's waits),
@@ -380,8 +378,8 @@ class ProcessContext:
         if self._mp_processes is None or self._closed:
             return
         for index, proc in enumerate(self._mp_processes):
-            _pid, state, _c, _s, _o, _k, gone = self._info(index)
-            if state != _C.PROC_EXITED and gone:
+            info = self._info(index)
+            if not info.exited and info.gone:
                 proc.join(5.0)
                 if proc.exitcode is not None:
                     self._group.set_exit(index, _wait_status(proc.exitcode))
@@ -389,10 +387,9 @@ class ProcessContext:
     def _first_failure(self) -> Optional[int]:
         first, first_order = None, None
         for index in range(self.nprocs):
-            _pid, state, code, sig, order, _killed, _gone = self._info(index)
-            if state == _C.PROC_EXITED and (code != 0 or sig):
-                if first_order is None or order < first_order:
-                    first, first_order = index, order
+            info = self._info(index)
+            if info.failed and (first_order is None or info.order < first_order):
+                first, first_order = index, info.order
         return first
 
     def _wait_until_done(self, seconds: float) -> None:
@@ -441,17 +438,18 @@ class ProcessContext:
     def _collect_failures(self) -> List[RankFailure]:
         failures = []
         for index in range(self.nprocs):
-            pid, state, code, sig, order, killed, _gone = self._info(index)
-            if state != _C.PROC_EXITED or (code == 0 and not sig):
+            info = self._info(index)
+            if not info.failed:
                 continue
             traceback, exception = decode_error(self._group.report(index))
-            if killed and traceback is None:
+            if info.killed and traceback is None:
                 continue  # stopped by us after another rank failed: not a cause
+            sig = info.signal
             failures.append(RankFailure(
-                index=index, pid=pid, exit_code=None if sig else code,
+                index=index, pid=info.pid, exit_code=None if sig else info.exit_code,
                 signal_name=(_C.signal_name(sig) or f"<Unknown signal {sig}>") if sig else None,
-                traceback=traceback, exception=exception, order=order,
-                killed_by_launcher=bool(killed)))
+                traceback=traceback, exception=exception, order=info.order,
+                killed_by_launcher=info.killed))
         failures.sort(key=lambda f: f.order)
         return failures
 
@@ -470,10 +468,10 @@ class ProcessContext:
         if self._closed:
             return
         for index in range(self.nprocs):
-            pid = self._info(index)[0]
-            self._exit[index] = self._exitcode_now(index)
-            if pid > 0:
-                _guardian.unwatch(pid)
+            info = self._info(index)
+            self._exit[index] = info.exitcode
+            if info.pid > 0:
+                _guardian.unwatch(info.pid)
         self._closed = True
         self._group.close()
         if self._mp_processes is not None:
