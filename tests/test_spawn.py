@@ -1,6 +1,7 @@
 """fastspawn.spawn / start_processes: a drop-in for torch.multiprocessing.spawn."""
 import os
 import pickle
+import resource
 import signal
 import subprocess
 import sys
@@ -321,6 +322,49 @@ def test_fork_refused_when_cuda_initialised(monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA is initialised.*start_method='zygote'"):
         fastspawn.spawn(times, args=(1,), nprocs=1, start_method="fork")
     assert fastspawn._launch._resolve_start_method("auto") == "zygote"
+
+
+def test_zygote_messages_carry_any_number_of_fds():
+    # sendfds takes at most 253 fds (SCM_MAX_FD) a message: more go in batches.
+    import multiprocessing.connection
+    import socket
+
+    from fastspawn import _zygote
+
+    a, b = socket.socketpair()
+    left, right = (multiprocessing.connection.Connection(s.detach()) for s in (a, b))
+    pipes = [os.pipe() for _ in range(2 * _zygote.MAX_FDS_PER_MESSAGE + 7)]
+    got = []
+    try:
+        sent = [r for r, _ in pipes]
+        _zygote._send(left, {"nfds": len(sent)}, sent)
+        request = _zygote._recv(right, time.monotonic() + 10)
+        got = _zygote._recv_fds(right, request["nfds"])
+        assert [os.fstat(fd).st_ino for fd in got] == [os.fstat(fd).st_ino for fd in sent]
+        _zygote._send(left, "after the fds")  # the stream is still in step
+        assert _zygote._recv(right, time.monotonic() + 10) == "after the fds"
+    finally:
+        for fd in got + [fd for pair in pipes for fd in pair]:
+            os.close(fd)
+        left.close()
+        right.close()
+
+
+def test_300_zygote_ranks_within_the_usual_fd_limit(no_leaks):
+    # Before: ValueError "too many file descriptors to pass to the zygote (301 > 253)".
+    # The launcher holds about 2 fds a rank (3 while the zygote starts them):
+    # 300 ranks fit in the usual soft limit of 1024 open files.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    t0 = time.monotonic()
+    try:
+        out = fastspawn.spawn(times, args=(2,), nprocs=300, start_method="zygote")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert out == [2 * i for i in range(300)]
+    assert time.monotonic() - t0 < 45
 
 
 # ----------------------------------------------------------------- bad input

@@ -7,19 +7,23 @@ started early (``fastspawn.start_zygote()``, or on first need), imports torch
 once, and then forks all N ranks of a request in one go, so a warm start costs
 N small forks instead of N torch imports. It is reused across spawn calls.
 
-Protocol (one Unix stream socket pair, launcher <-> zygote):
-  zygote -> launcher: a frame {"ready": True} once its imports are done.
-  launcher -> zygote: a frame with the request (and, on the same sendmsg, the
-      fds: status pipe, one report pipe per rank, then the fds that the pickled
-      arguments need).
-  zygote -> launcher: a frame {"pids": [...]} or {"error": "..."}.
+Protocol: one Unix stream socket pair, launcher <-> zygote, wrapped in
+``multiprocessing.connection.Connection`` (its length-prefixed messages), each
+message a pickle:
+  zygote -> launcher: {"ready": True} once its imports are done.
+  launcher -> zygote: the request, whose "nfds" says how many fds follow: the
+      status pipe, one report pipe per rank, then the fds that the pickled
+      arguments need. They follow with ``multiprocessing.reduction.sendfds``,
+      at most 253 (the kernel's SCM_MAX_FD) per message, so a request may
+      carry any number of them.
+  zygote -> launcher: {"pids": [...]} or {"error": "..."}.
   The zygote reaps its ranks and writes {int32 pid, int32 wait status} records
   to the request's status pipe, which the launcher's C supervisor reads.
-A frame is an 8-byte little-endian length and a pickle.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pickle
 import selectors
@@ -30,12 +34,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recvfds, sendfds
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import _C, _guardian
 
-_LEN = struct.Struct("<Q")
-MAX_FDS = 253  # SCM_RIGHTS limit per message
+MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD: the kernel's limit on fds in one sendmsg
 #: What the zygote imports before it forks anything. torch._dynamo is there
 #: because DistributedDataParallel imports it (about 1 s on 2 cores) in every
 #: rank otherwise. FASTSPAWN_ZYGOTE_PRELOAD="mod1,mod2" replaces the list.
@@ -43,46 +49,49 @@ DEFAULT_PRELOAD = tuple(
     m for m in os.environ.get("FASTSPAWN_ZYGOTE_PRELOAD", "torch,torch._dynamo").split(",") if m)
 
 
-def _send_frame(sock: socket.socket, obj: Any, fds: List[int] = ()) -> None:
-    body = pickle.dumps(obj, protocol=5)
-    data = _LEN.pack(len(body)) + body
+@contextlib.contextmanager
+def _socket_of(conn: Connection) -> Iterator[socket.socket]:
+    """The Connection's fd as a socket object (for sendfds/recvfds), still owned
+    by the Connection."""
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        sock.setblocking(True)  # as Connection needs (socket.setdefaulttimeout aside)
+        yield sock
+    finally:
+        sock.detach()
+
+
+def _send(conn: Connection, obj: Any, fds: Sequence[int] = ()) -> None:
+    """Send one message, then ``fds`` in batches the kernel accepts."""
+    conn.send_bytes(pickle.dumps(obj, protocol=5))
     if fds:
-        sent = socket.send_fds(sock, [data[:4096]], list(fds))
-        sock.sendall(data[sent:])
-    else:
-        sock.sendall(data)
+        with _socket_of(conn) as sock:
+            for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
+                sendfds(sock, list(fds[start:start + MAX_FDS_PER_MESSAGE]))
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytes:
-    chunks = []
-    while n > 0:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("timed out waiting for the fastspawn zygote")
-            sock.settimeout(left)
-        chunk = sock.recv(min(n, 1 << 20))
-        if not chunk:
-            raise ConnectionError("the fastspawn zygote closed its connection")
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
+def _recv(conn: Connection, deadline: float | None = None) -> Any:
+    """Receive one message; TimeoutError after ``deadline`` (time.monotonic())."""
+    if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
+        raise TimeoutError("timed out waiting for the fastspawn zygote")
+    try:
+        return pickle.loads(conn.recv_bytes())
+    except EOFError:
+        raise ConnectionError("the fastspawn zygote closed its connection") from None
 
 
-def _recv_frame(sock: socket.socket, deadline: Optional[float] = None,
-                maxfds: int = 0) -> Tuple[Any, List[int]]:
-    fds: List[int] = []
-    if maxfds:
-        if deadline is not None:
-            sock.settimeout(max(0.0, deadline - time.monotonic()))
-        head, fds, _flags, _addr = socket.recv_fds(sock, _LEN.size, maxfds)
-        if not head:
-            raise ConnectionError("the fastspawn zygote connection closed")
-        head += _recv_exact(sock, _LEN.size - len(head), deadline)
-    else:
-        head = _recv_exact(sock, _LEN.size, deadline)
-    (length,) = _LEN.unpack(head)
-    return pickle.loads(_recv_exact(sock, length, deadline)), fds
+def _recv_fds(conn: Connection, count: int) -> list[int]:
+    """Receive the ``count`` fds that follow a request (see :func:`_send`)."""
+    fds: list[int] = []
+    try:
+        with _socket_of(conn) as sock:
+            while len(fds) < count:
+                fds += recvfds(sock, min(MAX_FDS_PER_MESSAGE, count - len(fds)))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 # ---------------------------------------------------------------- launcher side
@@ -100,6 +109,8 @@ class Zygote:
         self.owner = os.getpid()
         self.lock = threading.Lock()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (parent, child):
+            end.setblocking(True)  # whatever socket.setdefaulttimeout() says
         pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -111,7 +122,7 @@ class Zygote:
                                          env=env, stdin=subprocess.DEVNULL)
         finally:
             child.close()
-        self.sock = parent
+        self.conn = Connection(parent.detach())
         self.ready = False
         _guardian.watch(self.proc.pid)
 
@@ -131,7 +142,7 @@ class Zygote:
             return
         deadline = time.monotonic() + timeout
         try:
-            msg, _ = _recv_frame(self.sock, deadline)
+            msg = _recv(self.conn, deadline)
         except (ConnectionError, OSError) as exc:
             raise self._failed(f"failed while starting ({exc})") from exc
         if not (isinstance(msg, dict) and msg.get("ready")):
@@ -139,14 +150,11 @@ class Zygote:
         self.ready = True
 
     def spawn(self, request: Dict[str, Any], fds: List[int], timeout: float) -> List[int]:
-        if len(fds) > MAX_FDS:
-            raise ValueError(f"too many file descriptors to pass to the zygote ({len(fds)} > "
-                             f"{MAX_FDS}); use fewer ranks or start_method='fork'")
         with self.lock:
             self.wait_ready(timeout)
             try:
-                _send_frame(self.sock, request, fds)
-                reply, _ = _recv_frame(self.sock, time.monotonic() + timeout)
+                _send(self.conn, dict(request, nfds=len(fds)), fds)
+                reply = _recv(self.conn, time.monotonic() + timeout)
             except (ConnectionError, OSError) as exc:
                 raise self._failed(f"stopped answering ({exc})") from exc
         if "error" in reply:
@@ -157,7 +165,7 @@ class Zygote:
         if self.owner != os.getpid():
             return
         try:
-            self.sock.close()
+            self.conn.close()
         finally:
             try:
                 self.proc.wait(timeout=5)
@@ -202,13 +210,13 @@ def _close_at_exit() -> None:
 
 
 class _Server:
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
+    def __init__(self, conn: Connection):
+        self.conn = conn
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.sel.register(sock, selectors.EVENT_READ)
+        self.sel.register(conn, selectors.EVENT_READ)
         self.sel.register(self.wake_r, selectors.EVENT_READ)
         self.status_of: Dict[int, int] = {}  # rank pid -> its request's status fd
         self.left: Dict[int, int] = {}  # status fd -> ranks not yet reaped
@@ -216,7 +224,7 @@ class _Server:
     def run(self) -> None:
         while True:
             for key, _ in self.sel.select():
-                if key.fileobj is self.sock:
+                if key.fileobj is self.conn:
                     if not self.handle_request():
                         return
                 else:
@@ -248,9 +256,10 @@ class _Server:
 
     def handle_request(self) -> bool:
         try:
-            req, fds = _recv_frame(self.sock, None, MAX_FDS)
-        except (ConnectionError, OSError):
-            return False  # the launcher is gone: stop
+            req = _recv(self.conn)
+            fds = _recv_fds(self.conn, req["nfds"])
+        except (ConnectionError, EOFError, OSError, RuntimeError):
+            return False  # the launcher is gone (or spoke nonsense): stop
         nprocs = req["nprocs"]
         status_fd, report_fds, user_fds = fds[0], fds[1:1 + nprocs], fds[1 + nprocs:]
         pids: List[int] = []
@@ -266,14 +275,14 @@ class _Server:
                 os.kill(pid, signal.SIGKILL)
             for fd in fds:
                 os.close(fd)
-            _send_frame(self.sock, {"error": f"fork failed: {exc}"})
+            _send(self.conn, {"error": f"fork failed: {exc}"})
             return True
         for fd in report_fds + user_fds:
             os.close(fd)
         for pid in pids:
             self.status_of[pid] = status_fd
         self.left[status_fd] = nprocs
-        _send_frame(self.sock, {"pids": pids})
+        _send(self.conn, {"pids": pids})
         return True
 
     def become_rank(self, index: int, req: Dict[str, Any], report_fd: int, status_fd: int,
@@ -283,7 +292,7 @@ class _Server:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         self.sel.close()
-        self.sock.close()
+        self.conn.close()
         for fd in [self.wake_r, self.wake_w, status_fd, *self.left] + [
                 f for f in report_fds if f != report_fd]:
             try:
@@ -308,7 +317,7 @@ def serve(fd: int, launcher_pid: int, preload: List[str]) -> None:
     """Main loop of the zygote process."""
     _C.child_setup(True, signal.SIGKILL, launcher_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to forward
-    sock = socket.socket(fileno=fd)
+    conn = Connection(fd)
     import importlib
 
     for name in preload:
@@ -320,7 +329,7 @@ def serve(fd: int, launcher_pid: int, preload: List[str]) -> None:
     import fastspawn._pickle  # noqa: F401
 
     try:
-        _send_frame(sock, {"ready": True})
+        _send(conn, {"ready": True})
     except OSError:
         return  # the launcher left while we were importing: nothing to serve
-    _Server(sock).run()
+    _Server(conn).run()
