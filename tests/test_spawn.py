@@ -34,8 +34,12 @@ def raise_on(i, bad):
     time.sleep(30)
 
 
-def all_raise(i, step):
-    time.sleep(step * i)
+def all_raise(i):
+    raise RuntimeError(f"rank {i} failed")
+
+
+def raise_when_told(i, events):
+    assert events[i].wait(60)
     raise RuntimeError(f"rank {i} failed")
 
 
@@ -52,8 +56,9 @@ def die_by(i, sig):
     time.sleep(30)
 
 
-def sleep_then(i, seconds):
-    time.sleep(seconds if i else 0)
+def return_at_once_or_when_told(i, go):
+    if i:  # rank 0 returns at once, the others once the test says so
+        assert go.wait(60)
     return i
 
 
@@ -65,11 +70,12 @@ def nested(i):
     return fastspawn.spawn(times, args=(10 + i,), nprocs=2, start_method="fork")
 
 
-def ignore_sigterm(i):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if i == 0:
-        time.sleep(0.2)
+def ignore_sigterm(i, ignoring):
+    if i == 0:  # fail once rank 1 ignores SIGTERM
+        assert ignoring.wait(60)
         raise ValueError("rank 0 fails")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignoring.set()
     time.sleep(60)
 
 
@@ -159,7 +165,7 @@ def test_every_rank_fails_all_are_reported(method, no_leaks):
     # With a grace period the others may fail on their own first (torch's order),
     # and every failure is reported.
     with pytest.raises(fastspawn.ProcessRaisedException) as info:
-        join_with_grace(all_raise, (0,), 3, method, grace_period=20)
+        join_with_grace(all_raise, (), 3, method, grace_period=20)
     err = info.value
     assert sorted(f.index for f in err.failures) == [0, 1, 2]
     assert err.failures[0].index == err.error_index  # root cause first
@@ -171,8 +177,16 @@ def test_every_rank_fails_all_are_reported(method, no_leaks):
 
 
 def test_root_cause_is_the_first_to_fail(no_leaks):
+    # Rank i fails only once rank i - 1 has been seen to exit: the order is known.
+    events = [fastspawn.get_context("fork").Event() for _ in range(3)]
+    ctx = fastspawn.start_processes(raise_when_told, (events,), 3, join=False,
+                                    start_method="fork")
+    for index, told in enumerate(events):
+        told.set()
+        ctx.processes[index].join(timeout=30)
+        assert ctx.processes[index].exitcode == 1
     with pytest.raises(fastspawn.ProcessRaisedException) as info:
-        join_with_grace(all_raise, (0.1,), 3, "fork", grace_period=20)
+        ctx.join(grace_period=20)
     err = info.value
     assert err.error_index == 0
     assert [f.index for f in err.failures] == [0, 1, 2]
@@ -218,9 +232,10 @@ def test_large_traceback_does_not_block(no_leaks):
 
 
 def test_grace_period_then_sigkill(no_leaks):
+    ignoring = fastspawn.get_context("fork").Event()
     t0 = time.monotonic()
     with pytest.raises(fastspawn.ProcessRaisedException):
-        ctx = fastspawn.start_processes(ignore_sigterm, nprocs=2, join=False,
+        ctx = fastspawn.start_processes(ignore_sigterm, (ignoring,), nprocs=2, join=False,
                                         start_method="fork")
         while not ctx.join(grace_period=0.5):
             pass
@@ -233,11 +248,14 @@ def test_grace_period_then_sigkill(no_leaks):
 
 
 def test_non_blocking_join(no_leaks):
-    ctx = fastspawn.spawn(sleep_then, args=(0.5,), nprocs=2, join=False, start_method="fork")
+    go = fastspawn.get_context("fork").Event()
+    ctx = fastspawn.spawn(return_at_once_or_when_told, args=(go,), nprocs=2, join=False,
+                          start_method="fork")
     assert ctx.join(timeout=0) is False
     assert ctx.join(timeout=0.05) is False
     with pytest.raises(RuntimeError, match="call join"):
         ctx.results()
+    go.set()
     deadline = time.monotonic() + 20
     while not ctx.join(timeout=0.1):
         assert time.monotonic() < deadline
@@ -246,9 +264,12 @@ def test_non_blocking_join(no_leaks):
 
 
 def test_early_return_of_some_ranks(no_leaks):
-    ctx = fastspawn.spawn(sleep_then, args=(0.3,), nprocs=3, join=False, start_method="fork")
-    time.sleep(0.1)
+    go = fastspawn.get_context("fork").Event()
+    ctx = fastspawn.spawn(return_at_once_or_when_told, args=(go,), nprocs=3, join=False,
+                          start_method="fork")
+    ctx.processes[0].join(timeout=20)
     assert ctx.processes[0].exitcode == 0 and ctx.processes[1].is_alive()
+    go.set()
     assert ctx.join(timeout=20)
     assert ctx.results() == [0, 1, 2]
 
