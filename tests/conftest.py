@@ -1,5 +1,6 @@
 """Shared fixtures for the fastspawn suite."""
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -71,6 +72,33 @@ def wait_gone(pids, timeout=10.0) -> list:
         time.sleep(0.05)
         left = [p for p in left if pid_alive(p)]
     return left
+
+
+# poll(2) and ppoll(2), where the C store client waits, by machine (the
+# numbers are per architecture); elsewhere the kernel's wait channel says "poll".
+_POLL_SYSCALLS = {"x86_64": {"7", "271"}, "aarch64": {"73"}}
+
+
+def _in_poll(native_id: int) -> bool:
+    task = f"/proc/self/task/{native_id}"
+    numbers = _POLL_SYSCALLS.get(platform.machine())
+    try:
+        if numbers is not None:
+            with open(f"{task}/syscall") as fh:
+                return fh.read().split(" ", 1)[0] in numbers
+        with open(f"{task}/wchan") as fh:
+            return "poll" in fh.read()
+    except FileNotFoundError:
+        return False
+
+
+def wait_until_in_poll(native_id: int, timeout: float = 10.0) -> None:
+    """Wait until the thread ``native_id`` of this process sleeps in poll(2), as a
+    blocking store call does once it has sent its request (and released the GIL)."""
+    deadline = time.monotonic() + timeout
+    while not _in_poll(native_id):
+        assert time.monotonic() < deadline, f"thread {native_id} never blocked in poll"
+        time.sleep(0.005)
 
 
 def socket_inodes(pid: int) -> set:

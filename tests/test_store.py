@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import wait_until_in_poll
 from fastspawn import _C
 from fastspawn.store import Store, StoreServer, StoreTimeoutError, parse_addr
 
@@ -183,14 +184,16 @@ def test_wait_timeout_names_missing_keys(store):
 
 def test_parked_get_woken_by_set_and_zero_means_no_limit(server, store):
     other = server.client()
+    waiter = threading.get_native_id()
 
     def later():
-        time.sleep(0.3)
+        wait_until_in_poll(waiter)  # parked in the server
+        time.sleep(0.3)  # and stays parked: it has no time limit
         other.set("late", b"v")
 
+    t0 = time.monotonic()
     th = threading.Thread(target=later)
     th.start()
-    t0 = time.monotonic()
     store.wait(["late"], timedelta(0))  # timedelta(0): no limit, as in torch
     assert store.get("late") == b"v"
     assert 0.2 < time.monotonic() - t0 < 5
@@ -231,7 +234,7 @@ def test_close_and_shutdown_wake_blocked_calls(server):
 
     th = threading.Thread(target=blocked, args=(s,))
     th.start()
-    time.sleep(0.2)
+    wait_until_in_poll(th.native_id)
     s.close()
     th.join(5)
     assert not th.is_alive() and isinstance(errs[0], ConnectionError)
@@ -239,7 +242,7 @@ def test_close_and_shutdown_wake_blocked_calls(server):
     s2 = server.client(timeout=30)
     th = threading.Thread(target=blocked, args=(s2,))
     th.start()
-    time.sleep(0.2)
+    wait_until_in_poll(th.native_id)
     server.shutdown()
     th.join(5)
     assert not th.is_alive() and isinstance(errs[1], ConnectionError)
@@ -248,7 +251,13 @@ def test_close_and_shutdown_wake_blocked_calls(server):
 
 def test_signal_interrupts_blocked_get(store):
     store.set_timeout(timedelta(seconds=20))
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    waiter = threading.get_native_id()
+
+    def interrupt():
+        wait_until_in_poll(waiter)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Thread(target=interrupt)
     timer.start()
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
@@ -296,10 +305,14 @@ def test_malformed_frames_from_raw_socket(server, store):
     assert closed_by_server(sock)
     sock.close()
     # Disconnecting mid-request stores nothing.
+    clients = server.num_clients
     sock = raw(server, server.token)
     sock.sendall(cases[-1][1])
-    time.sleep(0.05)
     sock.close()
+    deadline = time.monotonic() + 5
+    while server.num_clients > clients:  # the server has read it all and dropped it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     assert not store.check(["k", "key"])
     # A connection that never authenticates is dropped after auth_timeout.
     sock = raw(server)
