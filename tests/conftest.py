@@ -1,7 +1,6 @@
 """Shared fixtures for the fastspawn suite."""
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time

@@ -64,10 +64,11 @@ def run_ranks(fn, world, *args, timeout=JOIN_TIMEOUT, init=True, expect=None):
             while len(results) + len(errors) < world - len(silent):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"ranks did not finish in {timeout} s: got {sorted(results)}")
+                    raise TimeoutError(
+                        f"ranks did not finish in {timeout} s: got {sorted(results)}")
                 try:
                     rank, status, value = queue.get(timeout=min(left, 1.0))
-                except Exception:  # queue.Empty
+                except Exception:  # noqa: BLE001 - queue.Empty
                     continue
                 if status == "ok":
                     results[rank] = value
@@ -100,7 +101,7 @@ def _inputs(world, shape, dtype, seed):
 
     g = torch.Generator().manual_seed(seed)
     out = []
-    for q in range(world):
+    for _ in range(world):
         if dtype.is_floating_point:
             x = (torch.rand(shape, generator=g, dtype=torch.float64) - 0.5) * 8
         elif dtype == torch.bool:
@@ -183,14 +184,14 @@ def _all_collectives(rank, world):
             assert torch.equal(t, xs[root])
             out = [torch.empty_like(xs[0]) for _ in range(world)]
             dist.all_gather(out, xs[rank])
-            assert all(torch.equal(o, x) for o, x in zip(out, xs))
+            assert all(torch.equal(o, x) for o, x in zip(out, xs, strict=True))
             flat = torch.empty((world * n, 3), dtype=dtype)
             dist.all_gather_into_tensor(flat, xs[rank])
             assert torch.equal(flat, torch.cat(xs))
             gl = [torch.empty_like(xs[0]) for _ in range(world)] if rank == root else None
             dist.gather(xs[rank], gl, dst=root)
             if rank == root:
-                assert all(torch.equal(o, x) for o, x in zip(gl, xs))
+                assert all(torch.equal(o, x) for o, x in zip(gl, xs, strict=True))
             pieces = [x + 0 for x in xs] if rank == root else None
             got = torch.empty_like(xs[0])
             dist.scatter(got, pieces, src=root)
@@ -251,7 +252,8 @@ def _big_float_sums(rank, world):
     for n, dtype in ((1000, torch.float32), (3_000_001, torch.float32),
                      (3_000_001, torch.bfloat16), (777, torch.float16)):
         g = torch.Generator().manual_seed(rank)
-        x = (torch.rand(n, generator=g) - 0.5) * torch.pow(10.0, torch.randint(-6, 6, (n,), generator=g))
+        x = torch.rand(n, generator=g) - 0.5  # drawn before the scales, as it always was
+        x = x * torch.pow(10.0, torch.randint(-6, 6, (n,), generator=g))
         x = x.to(dtype)
         for op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
             t = x.clone()
@@ -271,7 +273,7 @@ def test_registration():
     import fastspawn.backend as fb
 
     assert "fastspawn" in dist.Backend.backend_list
-    assert getattr(dist.Backend, "FASTSPAWN") == "fastspawn"
+    assert dist.Backend.FASTSPAWN == "fastspawn"
     fb.register()  # idempotent
     pg = run_ranks(_backend_name, 2)
     assert pg == [("fastspawn", "fastspawn")] * 2
@@ -394,7 +396,7 @@ def _async(rank, world):
     works = [dist.all_reduce(t, async_op=True) for t in ts]
     seen = []
     fut = works[2].get_future().then(lambda f: seen.append(threading.current_thread().name))
-    for i, (w, t) in enumerate(zip(works, ts)):
+    for i, (w, t) in enumerate(zip(works, ts, strict=True)):
         w.wait()
         assert w.is_completed() and w.is_success()
         assert torch.equal(t, torch.full((n,), float(sum(r + i for r in range(world)))))
@@ -480,7 +482,7 @@ def _ddp_vs_gloo(rank, world, kw, steps, accumulate):
         ddp = DDP(model, process_group=group, **kw)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         g = torch.Generator().manual_seed(100 + rank)
-        for step in range(steps):
+        for _ in range(steps):
             opt.zero_grad()
             if accumulate:
                 with ddp.no_sync():
@@ -491,8 +493,9 @@ def _ddp_vs_gloo(rank, world, kw, steps, accumulate):
 
     ours = train(dist.group.WORLD)
     theirs = train(gloo)
-    same = all(torch.equal(a, b) for a, b in zip(ours, theirs))
-    close = all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(ours, theirs))
+    same = all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    close = all(torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+                for a, b in zip(ours, theirs, strict=True))
     return same, close, digest(*ours)
 
 
@@ -504,7 +507,7 @@ def _ddp_vs_gloo(rank, world, kw, steps, accumulate):
 ])
 def test_ddp_matches_gloo(kw, accumulate):
     results = run_ranks(_ddp_vs_gloo, 2, kw, 4, accumulate)
-    for same, close, _ in results:
+    for same, _close, _ in results:
         assert same, "parameters differ from DDP on gloo"
     assert results[0][2] == results[1][2]  # replicas stay bit-identical
 

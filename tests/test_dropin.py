@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
-
 from torch.multiprocessing.spawn import ProcessException as TorchProcessException
 
 import fastspawn
@@ -295,7 +294,7 @@ def wait_for_event(i, event):
 def test_processes_act_like_multiprocessing_process(method, no_leaks):
     go = fastspawn.get_context(method).Event()
     ctx = fastspawn.start_processes(wait_for_event, (go,), 2, join=False, start_method=method)
-    p0, p1 = ctx.processes
+    p0, _ = ctx.processes
     assert p0.pid > 0 and p0.name == "fastspawn-rank-0" and p0.daemon is False
     assert p0.is_alive() and p0.exitcode is None
     sentinels = [p.sentinel for p in ctx.processes]

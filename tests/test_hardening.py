@@ -7,7 +7,6 @@ import pytest
 import fastspawn
 from conftest import run_python, socket_inodes, tcp_listeners, unix_listeners
 
-
 LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
 
 

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 
 import fastspawn
+from conftest import FAST_METHODS, PACKAGE_DIR
 from fastspawn._rendezvous import detect_placement, first_slurm_host, job_token
-from conftest import FAST_METHODS, PACKAGE_DIR, run_python
 
 
 def allreduce_rank(i):

@@ -1,6 +1,5 @@
 """fastspawn.spawn / start_processes: a drop-in for torch.multiprocessing.spawn."""
 import os
-import pickle
 import resource
 import signal
 import subprocess
@@ -303,7 +302,8 @@ def test_nested_spawn():
     assert fastspawn.spawn(nested, nprocs=2, start_method="fork") == [[0, 10], [0, 11]]
 
 
-@pytest.mark.parametrize("method", ["fork", "zygote", pytest.param("spawn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["fork", "zygote",
+                                    pytest.param("spawn", marks=pytest.mark.slow)])
 def test_function_from_python_c(method):
     code = f"""
 import fastspawn
@@ -340,7 +340,7 @@ def test_auto_forks_when_safe_and_uses_zygote_otherwise():
 def test_fork_refused_when_cuda_initialised(monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    with pytest.raises(RuntimeError, match="CUDA is initialised.*start_method='zygote'"):
+    with pytest.raises(RuntimeError, match=r"CUDA is initialised.*start_method='zygote'"):
         fastspawn.spawn(times, args=(1,), nprocs=1, start_method="fork")
     assert fastspawn._launch._resolve_start_method("auto") == "zygote"
 
@@ -483,7 +483,7 @@ def test_parent_sigkill_leaves_no_rank_or_grandchild(tmp_path, method):
 def test_ctrl_c_stops_everything(tmp_path, method):
     proc, pids = _start_launcher(tmp_path, method)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert "KeyboardInterrupt" in err
     assert proc.returncode != 0
     assert wait_gone(pids, 10) == []

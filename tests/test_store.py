@@ -63,7 +63,7 @@ def closed_by_server(sock, within=3.0):
                 return True
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 
@@ -510,7 +510,7 @@ def _pg_rank(rank, world, env, init_barrier, q):
         dist.barrier()
         dist.destroy_process_group()
         q.put((rank, t.tolist()))
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         q.put((rank, repr(e)))
         raise
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import PACKAGE_DIR, ROOT
 
 TUTORIAL = os.path.join(ROOT, "examples", "tutorial_spawn.py")
-FASTSPAWN_IMPORT = "import fastspawn as mp  # the one change; was: import torch.multiprocessing as mp"
+FASTSPAWN_IMPORT = ("import fastspawn as mp  # the one change; "
+                    "was: import torch.multiprocessing as mp")
 
 
 def free_port() -> int:

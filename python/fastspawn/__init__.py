@@ -13,19 +13,35 @@ import multiprocessing as _multiprocessing
 import os as _os
 
 import torch.multiprocessing as _torch_mp
-from torch.multiprocessing import *  # noqa: F401,F403 - the drop-in namespace
+from torch.multiprocessing import *  # noqa: F403 - the drop-in namespace
 
-from . import _C  # noqa: F401 - fail early if the extension is missing
-from . import backend  # noqa: F401 - registers the "fastspawn" torch.distributed backend
-from ._errors import (ArgumentPicklingError, ProcessException,  # noqa: F401
-                      ProcessExitedException, ProcessRaisedException, RankFailure)
-from ._launch import (DEFAULT_START_METHOD, ENV_VAR_PARALLEL_START,  # noqa: F401
-                      START_METHODS, ProcessContext, RankProcess, SpawnContext,
-                      fork_safety_issues, spawn, start_processes, start_zygote)
-from ._rendezvous import default_backend, init_process_group  # noqa: F401
-from ._version import __version__  # noqa: F401
-from ._zygote import ZygoteError  # noqa: F401
-from .store import Store, StoreServer, StoreTimeoutError  # noqa: F401
+from . import (
+    _C,  # noqa: F401 - fail early if the extension is missing
+    backend,  # noqa: F401 - registers the "fastspawn" torch.distributed backend
+)
+from ._errors import (
+    ArgumentPicklingError,
+    ProcessException,
+    ProcessExitedException,
+    ProcessRaisedException,
+    RankFailure,
+)
+from ._launch import (
+    DEFAULT_START_METHOD,
+    ENV_VAR_PARALLEL_START,
+    START_METHODS,
+    ProcessContext,
+    RankProcess,
+    SpawnContext,
+    fork_safety_issues,
+    spawn,
+    start_processes,
+    start_zygote,
+)
+from ._rendezvous import default_backend, init_process_group
+from ._version import __version__  # noqa: F401 - fastspawn.__version__
+from ._zygote import ZygoteError
+from .store import Store, StoreServer, StoreTimeoutError
 
 if _os.environ.get("FASTSPAWN_PRESTART_ZYGOTE") == "1":
     start_zygote()  # ahead of need: the first zygote spawn then finds torch imported

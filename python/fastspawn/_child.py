@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any, Callable, Dict, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 from . import _C, _mpcompat
 from ._report import encode_error, encode_result, write_all
 
-Payload = Tuple[Callable[..., Any], tuple, Dict[str, Any]]
+Payload = tuple[Callable[..., Any], tuple, dict[str, Any]]
 
 
 def run_rank(index: int, load: Callable[[], Payload], report_fd: int) -> int:
@@ -40,7 +41,7 @@ def run_rank(index: int, load: Callable[[], Payload], report_fd: int) -> int:
     return 0
 
 
-def enter_rank_environment(env: Dict[str, Optional[str]]) -> None:
+def enter_rank_environment(env: dict[str, str | None]) -> None:
     """Set the rank's variables (None removes one) and its env:// rendezvous."""
     for name, value in env.items():
         if value is None:
@@ -52,7 +53,7 @@ def enter_rank_environment(env: Dict[str, Optional[str]]) -> None:
     _rendezvous.install_rank_rendezvous()
 
 
-def _become_rank(index: int, env: Dict[str, Optional[str]], daemon: bool) -> None:
+def _become_rank(index: int, env: dict[str, str | None], daemon: bool) -> None:
     """Make multiprocessing and the environment see a new process (after fork)."""
     enter_rank_environment(env)
     _mpcompat.become_new_process(f"fastspawn-rank-{index}", daemon)
@@ -68,7 +69,7 @@ def _exit_process(code: int) -> None:
 
 
 def forked_rank_main(index: int, load: Callable[[], Payload], report_fd: int,
-                     env: Dict[str, Optional[str]], daemon: bool) -> None:
+                     env: dict[str, str | None], daemon: bool) -> None:
     """Entry point of a rank forked by fastspawn (directly or by the zygote)."""
     code = 1
     try:
@@ -84,8 +85,8 @@ def forked_rank_main(index: int, load: Callable[[], Payload], report_fd: int,
         _exit_process(code)
 
 
-def mp_rank_main(index: int, fn: Callable[..., Any], args: tuple, kwargs: Dict[str, Any],
-                 report_conn: Any, env: Dict[str, Optional[str]], death_signal: int,
+def mp_rank_main(index: int, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+                 report_conn: Any, env: dict[str, str | None], death_signal: int,
                  launcher_pid: int) -> None:
     """Entry point of a rank started by multiprocessing (spawn / forkserver)."""
     _C.child_setup(True, death_signal, launcher_pid)

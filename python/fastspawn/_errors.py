@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-from typing import List, Optional
 
 try:  # Subclass torch's own classes so existing `except` clauses still catch ours.
     from torch.multiprocessing.spawn import ProcessException as _ProcessException
@@ -41,10 +40,10 @@ class RankFailure:
 
     index: int
     pid: int
-    exit_code: Optional[int]  # None when a signal ended it
-    signal_name: Optional[str]  # "SIGKILL" etc. when a signal ended it
-    traceback: Optional[str]  # the rank's formatted traceback, if it raised
-    exception: Optional[BaseException]  # the unpickled exception, if it could be
+    exit_code: int | None  # None when a signal ended it
+    signal_name: str | None  # "SIGKILL" etc. when a signal ended it
+    traceback: str | None  # the rank's formatted traceback, if it raised
+    exception: BaseException | None  # the unpickled exception, if it could be
     order: int  # 1 for the first rank seen to exit, 2 for the next ...
     killed_by_launcher: bool = False  # the launcher had signalled it before it died
 
@@ -53,7 +52,8 @@ class RankFailure:
             last = self.traceback.rstrip().splitlines()[-1] if self.traceback.strip() else ""
             return f"process {self.index} (pid {self.pid}) raised: {last}"
         if self.signal_name:
-            return f"process {self.index} (pid {self.pid}) terminated with signal {self.signal_name}"
+            return (f"process {self.index} (pid {self.pid}) terminated with signal "
+                    f"{self.signal_name}")
         return f"process {self.index} (pid {self.pid}) terminated with exit code {self.exit_code}"
 
 
@@ -73,7 +73,7 @@ class _RankError:
     2.10) and ``pid`` (earlier torch), ``failures``, and pickling that keeps every
     attribute (torch's own ``__reduce__`` keeps only the constructor arguments)."""
 
-    failures: List[RankFailure]
+    failures: list[RankFailure]
 
     def _init_extras(self, error_pid: int) -> None:
         self.error_pid = error_pid  # type: ignore[attr-defined]
@@ -108,7 +108,7 @@ class ProcessExitedException(_RankError, _ProcessExited):
     """
 
     def __init__(self, msg: str, error_index: int, error_pid: int, exit_code: int,
-                 signal_name: Optional[str] = None):
+                 signal_name: str | None = None):
         super().__init__(msg, error_index, error_pid, exit_code, signal_name)
         self._init_extras(error_pid)
 

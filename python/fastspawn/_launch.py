@@ -18,12 +18,12 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any
 
 from . import _C, _child, _guardian, _mpcompat, _pickle, _rendezvous, _zygote
-from ._errors import (OOM_HINT, ProcessExitedException, ProcessRaisedException,
-                      RankFailure)
+from ._errors import OOM_HINT, ProcessExitedException, ProcessRaisedException, RankFailure
 from ._rankinfo import RankInfo
 from ._report import decode_error, decode_result
 
@@ -42,7 +42,7 @@ log = logging.getLogger("torch.multiprocessing.spawn")
 #: Time between the forwarded Ctrl-C / SIGTERM and SIGKILL.
 INTERRUPT_GRACE = 5.0
 
-_live_contexts: "weakref.WeakSet[ProcessContext]" = weakref.WeakSet()
+_live_contexts: weakref.WeakSet[ProcessContext] = weakref.WeakSet()
 
 
 def _forget_contexts_after_fork() -> None:
@@ -59,7 +59,7 @@ os.register_at_fork(after_in_child=_forget_contexts_after_fork)
 # ------------------------------------------------------------------ checks
 
 
-def fork_safety_issues() -> List[str]:
+def fork_safety_issues() -> list[str]:
     """Why forking this process could be unsafe (empty when it is safe)."""
     reasons = []
     torch = sys.modules.get("torch")
@@ -67,13 +67,13 @@ def fork_safety_issues() -> List[str]:
         try:
             if torch.cuda.is_initialized():
                 reasons.append("CUDA is initialised in this process (a forked child cannot use it)")
-        except Exception:
+        except Exception:  # noqa: BLE001 - a torch that cannot say is not a reason
             pass
         dist = sys.modules.get("torch.distributed")
         try:
             if dist is not None and dist.is_available() and dist.is_initialized():
                 reasons.append("a torch.distributed process group exists in this process")
-        except Exception:
+        except Exception:  # noqa: BLE001 - likewise
             pass
     others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
     if others:
@@ -98,7 +98,7 @@ def _resolve_start_method(start_method: str) -> str:
     return start_method
 
 
-def _check_seconds(value: Optional[float], name: str) -> None:
+def _check_seconds(value: float | None, name: str) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -152,21 +152,21 @@ class RankProcess:
     ``daemon``, ``exitcode``, ``is_alive()``, ``join()``, ``sentinel``,
     ``terminate()``, ``kill()`` and ``close()``."""
 
-    def __init__(self, context: "ProcessContext", index: int, pid: int, daemon: bool):
+    def __init__(self, context: ProcessContext, index: int, pid: int, daemon: bool):
         self._context = context
         self.index = index
         self.pid = pid
         self.name = f"fastspawn-rank-{index}"
         self.daemon = daemon
-        self._sentinel: Optional[int] = None
-        self._close_sentinel: Optional[Callable[[], Any]] = None
+        self._sentinel: int | None = None
+        self._close_sentinel: Callable[[], Any] | None = None
 
     @property
     def ident(self) -> int:
         return self.pid
 
     @property
-    def exitcode(self) -> Optional[int]:
+    def exitcode(self) -> int | None:
         """None while the rank runs; its exit code, or -signal if a signal ended it."""
         return self._context._exitcode(self.index)
 
@@ -183,7 +183,7 @@ class RankProcess:
     def is_alive(self) -> bool:
         return self.exitcode is None
 
-    def join(self, timeout: Optional[float] = None) -> None:
+    def join(self, timeout: float | None = None) -> None:
         _check_seconds(timeout, "timeout")
         self._context._wait_for(self.index, timeout)
 
@@ -223,32 +223,32 @@ class ProcessContext:
         self.nprocs = nprocs
         self.start_method = start_method
         self.daemon = daemon
-        self.processes: List[Any] = []
-        self._mp_processes: Optional[List[Any]] = None
-        self._exit: List[Optional[int]] = [None] * nprocs  # cached after close
-        self._results: Optional[List[Any]] = None
-        self._error: Optional[BaseException] = None
+        self.processes: list[Any] = []
+        self._mp_processes: list[Any] | None = None
+        self._exit: list[int | None] = [None] * nprocs  # cached after close
+        self._results: list[Any] | None = None
+        self._error: BaseException | None = None
         self._closed = False
         self._orphaned = False
-        self._rendezvous: Optional[_rendezvous.Rendezvous] = None
+        self._rendezvous: _rendezvous.Rendezvous | None = None
         _live_contexts.add(self)
 
     # --- torch's API -------------------------------------------------
     @property
-    def store_addr(self) -> Optional[str]:
+    def store_addr(self) -> str | None:
         """Where the ranks' store listens ("host:port"), while the ranks run."""
         r = self._rendezvous
         return None if r is None else r.store_addr
 
-    def pids(self) -> List[int]:
+    def pids(self) -> list[int]:
         return [int(p.pid) for p in self.processes]
 
     @property
-    def sentinels(self) -> Dict[int, int]:
+    def sentinels(self) -> dict[int, int]:
         """``{process.sentinel: index}`` (torch's attribute of that name)."""
         return {p.sentinel: index for index, p in enumerate(self.processes)}
 
-    def join(self, timeout: Optional[float] = None, grace_period: Optional[float] = None) -> bool:
+    def join(self, timeout: float | None = None, grace_period: float | None = None) -> bool:
         """Wait for the ranks.
 
         Returns True when every rank exited with code 0, False if ``timeout``
@@ -294,7 +294,7 @@ class ProcessContext:
             if restore is not None:
                 restore()
 
-    def results(self) -> List[Any]:
+    def results(self) -> list[Any]:
         """Each rank's return value (None where fn returned nothing), after join."""
         if self._error is not None:
             raise RuntimeError("the ranks failed; see the exception join() raised") from self._error
@@ -310,7 +310,7 @@ class ProcessContext:
             self._abort(signal.SIGTERM, grace_period)
 
     # --- internals -----------------------------------------------------
-    def _install_sigterm_handler(self) -> Optional[Callable[[], None]]:
+    def _install_sigterm_handler(self) -> Callable[[], None] | None:
         if threading.current_thread() is not threading.main_thread():
             return None
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
@@ -325,18 +325,18 @@ class ProcessContext:
     def _info(self, index: int) -> RankInfo:
         return RankInfo.from_c(self._group.info(index))
 
-    def _exitcode_now(self, index: int) -> Optional[int]:
+    def _exitcode_now(self, index: int) -> int | None:
         """multiprocessing's exitcode from the supervisor's record (None: running)."""
         return self._info(index).exitcode
 
-    def _exitcode(self, index: int) -> Optional[int]:
+    def _exitcode(self, index: int) -> int | None:
         if self._closed:
             return self._exit[index]
         self._group.wait(0)  # take in exits that happened since the last look
         self._sync_external()
         return self._exitcode_now(index)
 
-    def _wait_for(self, index: int, timeout: Optional[float]) -> None:
+    def _wait_for(self, index: int, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._closed and self._exitcode(index) is None:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -357,7 +357,7 @@ class ProcessContext:
         os.close(write_end)  # ended already: a pipe at EOF is readable at once
         return read_end
 
-    def _alive(self) -> List[int]:
+    def _alive(self) -> list[int]:
         self._sync_external()
         return [i for i in range(self.nprocs) if self._exitcode_now(i) is None]
 
@@ -384,7 +384,7 @@ class ProcessContext:
                 if proc.exitcode is not None:
                     self._group.set_exit(index, _wait_status(proc.exitcode))
 
-    def _first_failure(self) -> Optional[int]:
+    def _first_failure(self) -> int | None:
         first, first_order = None, None
         for index in range(self.nprocs):
             info = self._info(index)
@@ -411,7 +411,7 @@ class ProcessContext:
                     proc.join(5.0)
             self._sync_external()
 
-    def _fail(self, grace_period: Optional[float]) -> None:
+    def _fail(self, grace_period: float | None) -> None:
         # torch's order: the grace period first (others may exit on their own),
         # then SIGTERM, another grace period (30 s without one), then SIGKILL.
         if grace_period is not None:
@@ -431,11 +431,11 @@ class ProcessContext:
         self._close()
         raise self._error
 
-    def _abort(self, sig: int, grace_period: Optional[float]) -> None:
+    def _abort(self, sig: int, grace_period: float | None) -> None:
         self._stop_all(sig, INTERRUPT_GRACE if grace_period is None else grace_period)
         self._close()
 
-    def _collect_failures(self) -> List[RankFailure]:
+    def _collect_failures(self) -> list[RankFailure]:
         failures = []
         for index in range(self.nprocs):
             info = self._info(index)
@@ -499,7 +499,7 @@ class SpawnContext(ProcessContext):
         super().__init__(*args, **kwargs)
 
 
-def _build_exception(failures: List[RankFailure]) -> BaseException:
+def _build_exception(failures: list[RankFailure]) -> BaseException:
     root = failures[0]
     if root.traceback is not None:
         msg = f"\n\n-- Process {root.index:d} terminated with the following error:\n"
@@ -528,7 +528,7 @@ def _build_exception(failures: List[RankFailure]) -> BaseException:
 
 
 def _start_forked(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool,
-                  envs: List[Dict[str, str]]) -> ProcessContext:
+                  envs: list[dict[str, str]]) -> ProcessContext:
     group = _C.Group(nprocs)
     ctx = ProcessContext(group, nprocs, "fork", daemon)
     death = _death_signal()
@@ -550,12 +550,12 @@ def _start_forked(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
 
 
 def _start_zygote(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool,
-                  envs: List[Dict[str, str]]) -> ProcessContext:
+                  envs: list[dict[str, str]]) -> ProcessContext:
     payload, user_fds = _pickle.dumps_with_fds((fn, args, kwargs), "zygote")
     zygote = _zygote.get()
     group = _C.Group(nprocs)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    report_fds: List[int] = []
+    report_fds: list[int] = []
     try:
         for index in range(nprocs):
             report_fds.append(group.prepare_report(index))
@@ -582,7 +582,7 @@ def _start_zygote(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
 
 
 def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool,
-              envs: List[Dict[str, str]], method: str) -> ProcessContext:
+              envs: list[dict[str, str]], method: str) -> ProcessContext:
     mp = multiprocessing.get_context(method)
     send_fn = _pickle.ByValue(fn) if _pickle.needs_by_value(fn) else fn
     _pickle.check_picklable_for_mp(send_fn, args, kwargs, method)
@@ -595,8 +595,8 @@ def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool
     parallel = method == "forkserver" and os.environ.get(ENV_VAR_PARALLEL_START, "0") == "1"
     if parallel:
         log.info("Starting processes in parallel.")
-    conns: List[Any] = []
-    procs: List[Any] = [None] * nprocs
+    conns: list[Any] = []
+    procs: list[Any] = [None] * nprocs
 
     def start(index: int) -> None:
         procs[index] = mp.Process(target=_child.mp_rank_main, name=f"fastspawn-rank-{index}",
@@ -604,7 +604,7 @@ def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool
                                         death, launcher), daemon=daemon)
         procs[index].start()
 
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     try:
         for index in range(nprocs):
             conns.append(multiprocessing.connection.Connection(group.prepare_report(index),
@@ -639,10 +639,10 @@ def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool
 def start_processes(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: int = 1,
                     join: bool = True, daemon: bool = False,
                     start_method: str = DEFAULT_START_METHOD, *,
-                    kwargs: Optional[Dict[str, Any]] = None, nnodes: Optional[int] = None,
-                    node_rank: Optional[int] = None, master_addr: Optional[str] = None,
-                    master_port: Optional[int] = None, store_token: Optional[str] = None,
-                    rdzv_timeout: Optional[float] = None) -> Any:
+                    kwargs: dict[str, Any] | None = None, nnodes: int | None = None,
+                    node_rank: int | None = None, master_addr: str | None = None,
+                    master_port: int | None = None, store_token: str | None = None,
+                    rdzv_timeout: float | None = None) -> Any:
     """Start ``nprocs`` processes running ``fn(i, *args, **kwargs)``.
 
     Returns the list of each rank's return value when ``join`` is True, else a
@@ -716,6 +716,15 @@ def _join_at_exit() -> None:
             print(f"fastspawn: at exit: {exc}", file=sys.stderr)
 
 
-__all__: Iterable[str] = ("spawn", "start_processes", "ProcessContext", "RankProcess",
-                          "start_zygote", "fork_safety_issues", "START_METHODS",
-                          "DEFAULT_START_METHOD", "ENV_VAR_PARALLEL_START", "SpawnContext")
+__all__: Iterable[str] = (
+    "DEFAULT_START_METHOD",
+    "ENV_VAR_PARALLEL_START",
+    "START_METHODS",
+    "ProcessContext",
+    "RankProcess",
+    "SpawnContext",
+    "fork_safety_issues",
+    "spawn",
+    "start_processes",
+    "start_zygote",
+)

@@ -15,7 +15,7 @@ import sys
 import types
 from collections import ChainMap
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, List, Tuple
+from typing import Any, ClassVar
 
 import cloudpickle
 
@@ -23,10 +23,10 @@ from . import _mpcompat
 from ._errors import ArgumentPicklingError
 
 # fds received by a rank, indexed as the parent's _FdCollector numbered them.
-_inherited_fds: List[int] = []
+_inherited_fds: list[int] = []
 
 
-def set_inherited_fds(fds: List[int]) -> None:
+def set_inherited_fds(fds: list[int]) -> None:
     _inherited_fds[:] = list(fds)
 
 
@@ -46,7 +46,7 @@ class _FdCollector:
     DupFd = InheritedFd
 
     def __init__(self) -> None:
-        self.fds: List[int] = []
+        self.fds: list[int] = []
 
     def duplicate_for_child(self, fd: int) -> int:
         self.fds.append(fd)
@@ -72,8 +72,8 @@ if _cloudpickle_code_reduce is not None:
 
 class _Pickler(cloudpickle.Pickler):
     # ForkingPickler's extra reducers (Connection, socket, torch tensors) first.
-    dispatch_table = ChainMap(_own_reducers, _mpcompat.forking_reducers(),
-                              cloudpickle.Pickler.dispatch_table)
+    dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
+        _own_reducers, _mpcompat.forking_reducers(), cloudpickle.Pickler.dispatch_table)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -114,7 +114,7 @@ def _describe(exc: BaseException, what: str, start_method: str) -> ArgumentPickl
     )
 
 
-def dumps_with_fds(obj: Any, start_method: str) -> Tuple[bytes, List[int]]:
+def dumps_with_fds(obj: Any, start_method: str) -> tuple[bytes, list[int]]:
     """Pickle obj for a zygote child; returns the bytes and the fds to pass."""
     collector = _FdCollector()
     _mpcompat.set_spawning_popen(collector)

@@ -30,7 +30,8 @@ import os
 import re
 import secrets
 import socket
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from collections.abc import Iterator, Mapping
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 ENV_IN_RANK = "FASTSPAWN_IN_RANK"
@@ -62,7 +63,7 @@ class Placement:
         return self.nnodes > 1
 
 
-def _int_env(env: Mapping[str, str], name: str) -> Optional[int]:
+def _int_env(env: Mapping[str, str], name: str) -> int | None:
     value = env.get(name)
     if value is None or value == "":
         return None
@@ -85,9 +86,9 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
-def detect_placement(nnodes: Optional[int] = None, node_rank: Optional[int] = None,
-                     master_addr: Optional[str] = None, master_port: Optional[int] = None,
-                     env: Optional[Mapping[str, str]] = None) -> Placement:
+def detect_placement(nnodes: int | None = None, node_rank: int | None = None,
+                     master_addr: str | None = None, master_port: int | None = None,
+                     env: Mapping[str, str] | None = None) -> Placement:
     """Explicit arguments first, then SLURM, OpenMPI, PMI, torchrun, else one node.
 
     Inside a rank started by fastspawn, cluster variables are ignored: a nested
@@ -160,7 +161,7 @@ def detect_placement(nnodes: Optional[int] = None, node_rank: Optional[int] = No
                      source)
 
 
-def job_token(placement: Placement, token: Optional[str]) -> str:
+def job_token(placement: Placement, token: str | None) -> str:
     """The store's token: random for one node; shared by every launcher for several."""
     token = token or os.environ.get(ENV_JOB_TOKEN)
     if token:
@@ -176,8 +177,8 @@ def job_token(placement: Placement, token: Optional[str]) -> str:
 class Rendezvous:
     """The launcher's side: the store (node 0), node registration, rank environments."""
 
-    def __init__(self, nprocs: int, placement: Placement, token: Optional[str] = None,
-                 timeout: Optional[float] = None):
+    def __init__(self, nprocs: int, placement: Placement, token: str | None = None,
+                 timeout: float | None = None):
         from . import store as _store
 
         self.nprocs = nprocs
@@ -260,7 +261,7 @@ class Rendezvous:
             return self.server.unix_addr
         return f"{self.store_host}:{self.store_port}"
 
-    def rank_environment(self, local_rank: int) -> Dict[str, Optional[str]]:
+    def rank_environment(self, local_rank: int) -> dict[str, str | None]:
         """The variables a rank starts with (None: remove the launcher's value)."""
         p = self.placement
         world = p.nnodes * self.nprocs
@@ -320,7 +321,7 @@ _rendezvous_count = itertools.count()
 _log = logging.getLogger(__name__)
 
 
-def launcher_store(timeout: Optional[datetime.timedelta] = None):
+def launcher_store(timeout: datetime.timedelta | None = None):
     """A fresh key space on the launcher's store, for one rendezvous of this rank."""
     import torch.distributed as dist
 
@@ -342,7 +343,7 @@ def _env_names_launcher_store(env: Mapping[str, str]) -> bool:
     return addr == host or (host == "127.0.0.1" and addr in _LOOPBACK_NAMES)
 
 
-def _env_int(query: Dict[str, List[str]], key: str, var: str) -> int:
+def _env_int(query: dict[str, list[str]], key: str, var: str) -> int:
     if key in query:
         return int(query[key][0])
     value = os.environ.get(var)
@@ -352,7 +353,7 @@ def _env_int(query: Dict[str, List[str]], key: str, var: str) -> int:
 
 
 def _wrap_env_handler(torch_handler: Any) -> Any:
-    def env_handler(url: str, **kwargs: Any) -> Iterator[Tuple[Any, int, int]]:
+    def env_handler(url: str, **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
         # A generator: torch runs this body at init time, so the check sees the
         # environment as the rank's code left it.
         if not _env_names_launcher_store(os.environ):
@@ -368,7 +369,7 @@ def _wrap_env_handler(torch_handler: Any) -> Any:
 
 
 def _wrap_file_handler(torch_handler: Any) -> Any:
-    def file_handler(url: str, **kwargs: Any) -> Iterator[Tuple[Any, int, int]]:
+    def file_handler(url: str, **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
         # torch's FileStore retries open() while it fails with ENOENT (waiting for
         # a file another node creates), so a path whose directory does not exist
         # is a silent wait until the timeout (30 min by default). Say so at once.
@@ -417,8 +418,8 @@ def install_rank_rendezvous() -> bool:
     return True
 
 
-def init_process_group(backend: Optional[str] = None,
-                       timeout: Optional[datetime.timedelta] = None, **kwargs):
+def init_process_group(backend: str | None = None,
+                       timeout: datetime.timedelta | None = None, **kwargs):
     """Create the default process group inside a rank started by fastspawn.
 
     Rank, world size and store come from the launcher. ``backend`` defaults to
@@ -449,6 +450,13 @@ def init_process_group(backend: Optional[str] = None,
     return dist.group.WORLD
 
 
-__all__: List[str] = ["Placement", "detect_placement", "Rendezvous", "init_process_group",
-                      "default_backend", "first_slurm_host", "install_rank_rendezvous",
-                      "launcher_store"]
+__all__: list[str] = [
+    "Placement",
+    "Rendezvous",
+    "default_backend",
+    "detect_placement",
+    "first_slurm_host",
+    "init_process_group",
+    "install_rank_rendezvous",
+    "launcher_store",
+]

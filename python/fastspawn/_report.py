@@ -37,7 +37,7 @@ def encode_error(exc: BaseException) -> bytes:
     tb = traceback.format_exc()
     try:
         exc_bytes: bytes | None = pickle.dumps(exc)
-    except Exception:  # an exception that does not pickle still has its traceback
+    except Exception:  # noqa: BLE001 - one that does not pickle still has its traceback
         exc_bytes = None
     return pickle.dumps((ERROR, tb, exc_bytes))
 
@@ -48,7 +48,7 @@ def encode_result(value: Any) -> bytes:
         return pickle.dumps((RESULT, None, None))
     try:
         return pickle.dumps((RESULT, pickle.dumps(value, protocol=5), None))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever stops it, the rank still reports
         note = f"the return value of type {type(value).__name__} could not be pickled: {exc}"
         return pickle.dumps((RESULT, None, note))
 
@@ -60,7 +60,7 @@ def decode_error(report: bytes) -> tuple[str | None, BaseException | None]:
         return None, None
     try:
         kind, tb, exc_bytes = pickle.loads(report)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a report cut short (the rank died writing it)
         return None, None
     if kind != ERROR:
         return None, None
@@ -68,7 +68,7 @@ def decode_error(report: bytes) -> tuple[str | None, BaseException | None]:
     if exc_bytes is not None:
         try:
             exception = pickle.loads(exc_bytes)
-        except Exception:
+        except Exception:  # noqa: BLE001 - its class may not import here: the text stays
             exception = None
     return tb, exception
 
@@ -85,5 +85,5 @@ def decode_result(report: bytes) -> tuple[Any, str | None]:
         return None, note
     try:
         return pickle.loads(value_bytes), None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported as a warning, the result is None
         return None, f"its return value could not be unpickled here: {exc}"

@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recvfds, sendfds
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from . import _C, _guardian
 
@@ -104,7 +104,7 @@ class ZygoteError(RuntimeError):
 class Zygote:
     """Launcher-side handle of one zygote process."""
 
-    def __init__(self, preload: Tuple[str, ...] = DEFAULT_PRELOAD):
+    def __init__(self, preload: tuple[str, ...] = DEFAULT_PRELOAD):
         self.preload = tuple(preload)
         self.owner = os.getpid()
         self.lock = threading.Lock()
@@ -149,7 +149,7 @@ class Zygote:
             raise self._failed(f"sent an unexpected greeting {msg!r}")
         self.ready = True
 
-    def spawn(self, request: Dict[str, Any], fds: List[int], timeout: float) -> List[int]:
+    def spawn(self, request: dict[str, Any], fds: list[int], timeout: float) -> list[int]:
         with self.lock:
             self.wait_ready(timeout)
             try:
@@ -174,11 +174,11 @@ class Zygote:
                 self.proc.wait(timeout=5)
 
 
-_zygote: Optional[Zygote] = None
+_zygote: Zygote | None = None
 _zygote_lock = threading.Lock()
 
 
-def get(preload: Tuple[str, ...] = DEFAULT_PRELOAD) -> Zygote:
+def get(preload: tuple[str, ...] = DEFAULT_PRELOAD) -> Zygote:
     """This process's zygote, started if needed (a forked rank gets its own)."""
     global _zygote
     with _zygote_lock:
@@ -218,8 +218,8 @@ class _Server:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.sel.register(conn, selectors.EVENT_READ)
         self.sel.register(self.wake_r, selectors.EVENT_READ)
-        self.status_of: Dict[int, int] = {}  # rank pid -> its request's status fd
-        self.left: Dict[int, int] = {}  # status fd -> ranks not yet reaped
+        self.status_of: dict[int, int] = {}  # rank pid -> its request's status fd
+        self.left: dict[int, int] = {}  # status fd -> ranks not yet reaped
 
     def run(self) -> None:
         while True:
@@ -262,7 +262,7 @@ class _Server:
             return False  # the launcher is gone (or spoke nonsense): stop
         nprocs = req["nprocs"]
         status_fd, report_fds, user_fds = fds[0], fds[1:1 + nprocs], fds[1 + nprocs:]
-        pids: List[int] = []
+        pids: list[int] = []
         try:
             for index in range(nprocs):
                 pid = _C.fork_rank(True, signal.SIGKILL, report_fds[index])
@@ -285,8 +285,8 @@ class _Server:
         _send(self.conn, {"pids": pids})
         return True
 
-    def become_rank(self, index: int, req: Dict[str, Any], report_fd: int, status_fd: int,
-                    user_fds: List[int], report_fds: List[int]) -> None:
+    def become_rank(self, index: int, req: dict[str, Any], report_fd: int, status_fd: int,
+                    user_fds: list[int], report_fds: list[int]) -> None:
         # Undo the zygote's own set-up, then run the rank; never returns.
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -313,7 +313,7 @@ class _Server:
                                 req["env"][index], req["daemon"])
 
 
-def serve(fd: int, launcher_pid: int, preload: List[str]) -> None:
+def serve(fd: int, launcher_pid: int, preload: list[str]) -> None:
     """Main loop of the zygote process."""
     _C.child_setup(True, signal.SIGKILL, launcher_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to forward
@@ -325,7 +325,8 @@ def serve(fd: int, launcher_pid: int, preload: List[str]) -> None:
             importlib.import_module(name)
         except ImportError as exc:  # an optional module missing in this torch: go on
             print(f"fastspawn zygote: cannot preload {name}: {exc}", file=sys.stderr)
-    import fastspawn._child  # noqa: F401 - what every rank needs, imported once here
+    # What every rank needs, imported once here.
+    import fastspawn._child
     import fastspawn._pickle  # noqa: F401
 
     try:
