@@ -49,7 +49,7 @@ if _os.environ.get("FASTSPAWN_PRESTART_ZYGOTE") == "1":
 _MP_CONTEXT_FOR = {"auto": "forkserver", "zygote": "forkserver"}
 
 
-def get_context(method: str | None = None):
+def get_context(method: str | None = None) -> _multiprocessing.context.BaseContext:
     """multiprocessing's context for ``method``; fastspawn's own methods
     ("auto", "zygote") map to "forkserver", whose Queues and locks can be
     passed to ranks started any way fastspawn starts them."""

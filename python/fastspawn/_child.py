@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _C, _mpcompat
+from ._rendezvous import RankEnv
 from ._report import encode_error, encode_result, write_all
 
 Payload = tuple[Callable[..., Any], tuple, dict[str, Any]]
@@ -41,7 +42,7 @@ def run_rank(index: int, load: Callable[[], Payload], report_fd: int) -> int:
     return 0
 
 
-def enter_rank_environment(env: dict[str, str | None]) -> None:
+def enter_rank_environment(env: RankEnv) -> None:
     """Set the rank's variables (None removes one) and its env:// rendezvous."""
     for name, value in env.items():
         if value is None:
@@ -53,7 +54,7 @@ def enter_rank_environment(env: dict[str, str | None]) -> None:
     _rendezvous.install_rank_rendezvous()
 
 
-def _become_rank(index: int, env: dict[str, str | None], daemon: bool) -> None:
+def _become_rank(index: int, env: RankEnv, daemon: bool) -> None:
     """Make multiprocessing and the environment see a new process (after fork)."""
     enter_rank_environment(env)
     _mpcompat.become_new_process(f"fastspawn-rank-{index}", daemon)
@@ -69,7 +70,7 @@ def _exit_process(code: int) -> None:
 
 
 def forked_rank_main(index: int, load: Callable[[], Payload], report_fd: int,
-                     env: dict[str, str | None], daemon: bool) -> None:
+                     env: RankEnv, daemon: bool) -> None:
     """Entry point of a rank forked by fastspawn (directly or by the zygote)."""
     code = 1
     try:
@@ -86,7 +87,7 @@ def forked_rank_main(index: int, load: Callable[[], Payload], report_fd: int,
 
 
 def mp_rank_main(index: int, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
-                 report_conn: Any, env: dict[str, str | None], death_signal: int,
+                 report_conn: Any, env: RankEnv, death_signal: int,
                  launcher_pid: int) -> None:
     """Entry point of a rank started by multiprocessing (spawn / forkserver)."""
     _C.child_setup(True, death_signal, launcher_pid)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from typing import Any, cast
 
 try:  # Subclass torch's own classes so existing `except` clauses still catch ours.
     from torch.multiprocessing.spawn import ProcessException as _ProcessException
@@ -17,19 +18,20 @@ except ImportError:  # pragma: no cover - torch is a dependency, but keep the AP
             self.error_index = error_index
             self.error_pid = error_pid
 
-        def __reduce__(self):
+        def __reduce__(self) -> tuple[Any, ...]:
             return type(self), (self.msg, self.error_index, self.error_pid)
 
     class _ProcessRaised(_ProcessException):  # type: ignore[no-redef]
         pass
 
     class _ProcessExited(_ProcessException):  # type: ignore[no-redef]
-        def __init__(self, msg, error_index, error_pid, exit_code, signal_name=None):
+        def __init__(self, msg: str, error_index: int, error_pid: int, exit_code: int,
+                     signal_name: str | None = None):
             super().__init__(msg, error_index, error_pid)
             self.exit_code = exit_code
             self.signal_name = signal_name
 
-        def __reduce__(self):
+        def __reduce__(self) -> tuple[Any, ...]:
             return type(self), (self.msg, self.error_index, self.error_pid, self.exit_code,
                                 self.signal_name)
 
@@ -48,6 +50,7 @@ class RankFailure:
     killed_by_launcher: bool = False  # the launcher had signalled it before it died
 
     def summary(self) -> str:
+        """One line: which rank, and how it ended."""
         if self.traceback:
             last = self.traceback.rstrip().splitlines()[-1] if self.traceback.strip() else ""
             return f"process {self.index} (pid {self.pid}) raised: {last}"
@@ -76,12 +79,13 @@ class _RankError:
     failures: list[RankFailure]
 
     def _init_extras(self, error_pid: int) -> None:
-        self.error_pid = error_pid  # type: ignore[attr-defined]
+        self.error_pid = error_pid
         self.pid = error_pid
         self.failures = []
 
-    def __reduce__(self):
-        cls, args = super().__reduce__()[:2]  # type: ignore[misc]
+    def __reduce__(self) -> tuple[Any, ...]:
+        # An exception's __reduce__ is a tuple (object's may be a str: not here).
+        cls, args = cast(tuple[Any, ...], super().__reduce__())[:2]
         state = dict(self.__dict__)
         # A rank's exception that cannot travel is dropped; its traceback text stays.
         state["failures"] = [f if f.exception is None or _picklable(f.exception)

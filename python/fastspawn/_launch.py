@@ -11,6 +11,7 @@ import atexit
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.context
 import os
 import signal
 import sys
@@ -18,13 +19,14 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal, TypedDict, Unpack, overload
 
 from . import _C, _child, _guardian, _mpcompat, _pickle, _rendezvous, _zygote
 from ._errors import OOM_HINT, ProcessExitedException, ProcessRaisedException, RankFailure
 from ._rankinfo import RankInfo
+from ._rendezvous import RankEnv
 from ._report import decode_error, decode_result
 
 START_METHODS = ("auto", "fork", "zygote", "spawn", "forkserver")
@@ -111,7 +113,8 @@ def _check_seconds(value: float | None, name: str) -> None:
 MAX_NPROCS = getattr(_C, "MAX_PROCS", 65536)
 
 
-def _validate(fn: Any, args: Any, nprocs: Any, kwargs: Any, daemon: Any) -> tuple:
+def _validate(fn: Any, args: Any, nprocs: Any, kwargs: Any,
+              daemon: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(nprocs, bool) or not isinstance(nprocs, int):
         raise TypeError(f"nprocs must be an int, got {type(nprocs).__name__} {nprocs!r}")
     if nprocs < 1:
@@ -163,6 +166,7 @@ class RankProcess:
 
     @property
     def ident(self) -> int:
+        """The pid (multiprocessing's alias)."""
         return self.pid
 
     @property
@@ -181,19 +185,24 @@ class RankProcess:
         return self._sentinel
 
     def is_alive(self) -> bool:
+        """Whether the rank still runs."""
         return self.exitcode is None
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait until the rank has ended, or ``timeout`` seconds; see :attr:`exitcode`."""
         _check_seconds(timeout, "timeout")
         self._context._wait_for(self.index, timeout)
 
     def terminate(self) -> None:
+        """SIGTERM to the rank's process group (nothing once it has ended)."""
         self._context._signal_one(self.index, signal.SIGTERM)
 
     def kill(self) -> None:
+        """SIGKILL to the rank's process group (nothing once it has ended)."""
         self._context._signal_one(self.index, signal.SIGKILL)
 
     def start(self) -> None:
+        """Refused, as multiprocessing refuses a second start: the rank runs already."""
         raise AssertionError("cannot start a process twice")
 
     def close(self) -> None:
@@ -241,6 +250,7 @@ class ProcessContext:
         return None if r is None else r.store_addr
 
     def pids(self) -> list[int]:
+        """The ranks' pids, by rank index."""
         return [int(p.pid) for p in self.processes]
 
     @property
@@ -319,8 +329,11 @@ class ProcessContext:
         def on_sigterm(signum: int, frame: Any) -> None:
             raise _LauncherTerminated()
 
+        def restore() -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
         signal.signal(signal.SIGTERM, on_sigterm)
-        return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return restore
 
     def _info(self, index: int) -> RankInfo:
         return RankInfo.from_c(self._group.info(index))
@@ -515,6 +528,7 @@ def _build_exception(failures: list[RankFailure]) -> BaseException:
                                      exit_code=-int(signum) if signum is not None else -1,
                                      signal_name=root.signal_name)
     else:
+        assert root.exit_code is not None  # no traceback, no signal: it exited with a code
         msg = f"process {root.index:d} terminated with exit code {root.exit_code:d}"
         exc = ProcessExitedException(msg, root.index, root.pid, exit_code=root.exit_code)
     exc.failures = failures  # type: ignore[attr-defined]
@@ -528,7 +542,7 @@ def _build_exception(failures: list[RankFailure]) -> BaseException:
 
 
 def _start_forked(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool,
-                  envs: list[dict[str, str]]) -> ProcessContext:
+                  envs: list[RankEnv]) -> ProcessContext:
     group = _C.Group(nprocs)
     ctx = ProcessContext(group, nprocs, "fork", daemon)
     death = _death_signal()
@@ -550,7 +564,7 @@ def _start_forked(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
 
 
 def _start_zygote(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool,
-                  envs: list[dict[str, str]]) -> ProcessContext:
+                  envs: list[RankEnv]) -> ProcessContext:
     payload, user_fds = _pickle.dumps_with_fds((fn, args, kwargs), "zygote")
     zygote = _zygote.get()
     group = _C.Group(nprocs)
@@ -582,8 +596,10 @@ def _start_zygote(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
 
 
 def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool,
-              envs: list[dict[str, str]], method: str) -> ProcessContext:
-    mp = multiprocessing.get_context(method)
+              envs: list[RankEnv], method: str) -> ProcessContext:
+    mp: multiprocessing.context.SpawnContext | multiprocessing.context.ForkServerContext = (
+        multiprocessing.get_context("spawn") if method == "spawn"
+        else multiprocessing.get_context("forkserver"))
     send_fn = _pickle.ByValue(fn) if _pickle.needs_by_value(fn) else fn
     _pickle.check_picklable_for_mp(send_fn, args, kwargs, method)
     group = _C.Group(nprocs)
@@ -636,13 +652,42 @@ def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool
     return ctx
 
 
+class StartOptions(TypedDict, total=False):
+    """The keyword-only options of :func:`start_processes` (and :func:`spawn`)."""
+
+    kwargs: dict[str, Any] | None
+    nnodes: int | None
+    node_rank: int | None
+    master_addr: str | None
+    master_port: int | None
+    store_token: str | None
+    rdzv_timeout: float | None
+
+
+# join=True (the default) returns the results, join=False the ProcessContext.
+@overload
+def start_processes(fn: Callable[..., Any], args: Sequence[Any] = ..., nprocs: int = ...,
+                    join: Literal[True] = ..., daemon: bool = ..., start_method: str = ...,
+                    **options: Unpack[StartOptions]) -> list[Any]: ...
+@overload
+def start_processes(fn: Callable[..., Any], args: Sequence[Any], nprocs: int,
+                    join: Literal[False], daemon: bool = ..., start_method: str = ...,
+                    **options: Unpack[StartOptions]) -> ProcessContext: ...
+@overload
+def start_processes(fn: Callable[..., Any], args: Sequence[Any] = ..., nprocs: int = ..., *,
+                    join: Literal[False], daemon: bool = ..., start_method: str = ...,
+                    **options: Unpack[StartOptions]) -> ProcessContext: ...
+@overload
+def start_processes(fn: Callable[..., Any], args: Sequence[Any] = ..., nprocs: int = ...,
+                    join: bool = ..., daemon: bool = ..., start_method: str = ...,
+                    **options: Unpack[StartOptions]) -> list[Any] | ProcessContext: ...
 def start_processes(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: int = 1,
                     join: bool = True, daemon: bool = False,
                     start_method: str = DEFAULT_START_METHOD, *,
                     kwargs: dict[str, Any] | None = None, nnodes: int | None = None,
                     node_rank: int | None = None, master_addr: str | None = None,
                     master_port: int | None = None, store_token: str | None = None,
-                    rdzv_timeout: float | None = None) -> Any:
+                    rdzv_timeout: float | None = None) -> list[Any] | ProcessContext:
     """Start ``nprocs`` processes running ``fn(i, *args, **kwargs)``.
 
     Returns the list of each rank's return value when ``join`` is True, else a
@@ -658,7 +703,7 @@ def start_processes(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: in
     The rank index ``i`` passed to ``fn`` is the local rank; RANK in the
     environment is ``node_rank * nprocs + i``.
     """
-    args, kwargs = _validate(fn, args, nprocs, kwargs, daemon)
+    call_args, call_kwargs = _validate(fn, args, nprocs, kwargs, daemon)
     if not isinstance(join, bool):
         raise TypeError(f"join must be a bool, got {type(join).__name__}")
     _check_seconds(rdzv_timeout, "rdzv_timeout")
@@ -668,11 +713,11 @@ def start_processes(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: in
     envs = [rdzv.rank_environment(i) for i in range(nprocs)]
     try:
         if method == "fork":
-            ctx = _start_forked(fn, args, kwargs, nprocs, daemon, envs)
+            ctx = _start_forked(fn, call_args, call_kwargs, nprocs, daemon, envs)
         elif method == "zygote":
-            ctx = _start_zygote(fn, args, kwargs, nprocs, daemon, envs)
+            ctx = _start_zygote(fn, call_args, call_kwargs, nprocs, daemon, envs)
         else:
-            ctx = _start_mp(fn, args, kwargs, nprocs, daemon, envs, method)
+            ctx = _start_mp(fn, call_args, call_kwargs, nprocs, daemon, envs, method)
     except BaseException:
         rdzv.close()
         raise
@@ -684,8 +729,25 @@ def start_processes(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: in
     return ctx.results()
 
 
+@overload
+def spawn(fn: Callable[..., Any], args: Sequence[Any] = ..., nprocs: int = ...,
+          join: Literal[True] = ..., daemon: bool = ..., start_method: str = ...,
+          **options: Unpack[StartOptions]) -> list[Any]: ...
+@overload
+def spawn(fn: Callable[..., Any], args: Sequence[Any], nprocs: int, join: Literal[False],
+          daemon: bool = ..., start_method: str = ...,
+          **options: Unpack[StartOptions]) -> ProcessContext: ...
+@overload
+def spawn(fn: Callable[..., Any], args: Sequence[Any] = ..., nprocs: int = ..., *,
+          join: Literal[False], daemon: bool = ..., start_method: str = ...,
+          **options: Unpack[StartOptions]) -> ProcessContext: ...
+@overload
+def spawn(fn: Callable[..., Any], args: Sequence[Any] = ..., nprocs: int = ...,
+          join: bool = ..., daemon: bool = ..., start_method: str = ...,
+          **options: Unpack[StartOptions]) -> list[Any] | ProcessContext: ...
 def spawn(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: int = 1, join: bool = True,
-          daemon: bool = False, start_method: str = DEFAULT_START_METHOD, **options: Any) -> Any:
+          daemon: bool = False, start_method: str = DEFAULT_START_METHOD,
+          **options: Unpack[StartOptions]) -> list[Any] | ProcessContext:
     """Drop-in for ``torch.multiprocessing.spawn``: run ``fn(i, *args)`` in
     ``nprocs`` processes. Unlike torch's, any start method is accepted (default
     ``"auto"``), ``kwargs`` are passed on, and when ``join`` is True the list of
@@ -716,7 +778,7 @@ def _join_at_exit() -> None:
             print(f"fastspawn: at exit: {exc}", file=sys.stderr)
 
 
-__all__: Iterable[str] = (
+__all__ = (
     "DEFAULT_START_METHOD",
     "ENV_VAR_PARALLEL_START",
     "START_METHODS",

@@ -16,7 +16,7 @@ import multiprocessing.util as _mp_util
 import os
 import threading
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -68,16 +68,16 @@ def set_spawning_popen(popen: Any) -> None:
     reducers ask to duplicate fds for the child being started."""
     # context.set_spawning_popen: undocumented, no underscore, since 3.4.
     # Connections and Queues pickle their fds through it (DupFd).
-    _mp_context.set_spawning_popen(popen)  # type: ignore[attr-defined]
+    _mp_context.set_spawning_popen(popen)
 
 
-def forking_reducers() -> Mapping[type, Callable[..., Any]]:
+def forking_reducers() -> dict[type, Callable[..., Any]]:
     """The reducers multiprocessing registers for sending objects to a child
     (Connection, socket, torch's tensors and storages via ``register``)."""
     # ForkingPickler._extra_reducers: the class-level registry behind
     # ForkingPickler.register (since 3.4); a pickler of our own (cloudpickle's)
     # can only use these reducers by reading it.
-    reducers: Mapping[type, Callable[..., Any]] = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
+    reducers: dict[type, Callable[..., Any]] = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
     return reducers
 
 

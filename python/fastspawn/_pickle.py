@@ -14,6 +14,7 @@ import io
 import sys
 import types
 from collections import ChainMap
+from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, ClassVar
 
@@ -57,17 +58,21 @@ def _rebuild_code(rebuild: Any, args: tuple, filename: str) -> types.CodeType:
     return rebuild(*args).replace(co_filename=filename)
 
 
-def _reduce_code_keeping_filename(code: types.CodeType) -> tuple:
+def _keeping_filename(code_reduce: Callable[[types.CodeType], tuple[Any, ...]],
+                      ) -> Callable[[types.CodeType], tuple[Any, ...]]:
     # cloudpickle replaces co_filename with "<dynamic-code>"; keep the real one
     # so a rank's traceback shows the file and the source line.
-    rebuild, args = _cloudpickle_code_reduce(code)
-    return _rebuild_code, (rebuild, args, code.co_filename)
+    def reduce(code: types.CodeType) -> tuple[Any, ...]:
+        rebuild, args = code_reduce(code)
+        return _rebuild_code, (rebuild, args, code.co_filename)
+
+    return reduce
 
 
 _cloudpickle_code_reduce = _mpcompat.cloudpickle_code_reduce()
-_own_reducers: dict = {}
+_own_reducers: dict[type, Callable[..., Any]] = {}
 if _cloudpickle_code_reduce is not None:
-    _own_reducers[types.CodeType] = _reduce_code_keeping_filename
+    _own_reducers[types.CodeType] = _keeping_filename(_cloudpickle_code_reduce)
 
 
 class _Pickler(cloudpickle.Pickler):
@@ -93,7 +98,7 @@ class ByValue:
     def __init__(self, obj: Any):
         self.obj = obj
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return cloudpickle.loads, (_dumps(self.obj),)
 
 

@@ -31,8 +31,14 @@ import re
 import secrets
 import socket
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
+
+if TYPE_CHECKING:  # torch is imported where it is used (a launcher may not need it)
+    import torch.distributed as dist
+
+#: The variables a rank starts with: name -> value, None to remove the launcher's.
+RankEnv = dict[str, str | None]
 
 ENV_IN_RANK = "FASTSPAWN_IN_RANK"
 #: "host:port" of the launcher's store as MASTER_ADDR/MASTER_PORT name it in a rank:
@@ -261,7 +267,7 @@ class Rendezvous:
             return self.server.unix_addr
         return f"{self.store_host}:{self.store_port}"
 
-    def rank_environment(self, local_rank: int) -> dict[str, str | None]:
+    def rank_environment(self, local_rank: int) -> RankEnv:
         """The variables a rank starts with (None: remove the launcher's value)."""
         p = self.placement
         world = p.nnodes * self.nprocs
@@ -321,7 +327,7 @@ _rendezvous_count = itertools.count()
 _log = logging.getLogger(__name__)
 
 
-def launcher_store(timeout: datetime.timedelta | None = None):
+def launcher_store(timeout: datetime.timedelta | None = None) -> dist.PrefixStore:
     """A fresh key space on the launcher's store, for one rendezvous of this rank."""
     import torch.distributed as dist
 
@@ -419,7 +425,8 @@ def install_rank_rendezvous() -> bool:
 
 
 def init_process_group(backend: str | None = None,
-                       timeout: datetime.timedelta | None = None, **kwargs):
+                       timeout: datetime.timedelta | None = None,
+                       **kwargs: Any) -> dist.ProcessGroup | None:
     """Create the default process group inside a rank started by fastspawn.
 
     Rank, world size and store come from the launcher. ``backend`` defaults to
@@ -444,9 +451,11 @@ def init_process_group(backend: str | None = None,
     # hundreds of milliseconds that a CPU-only group must not pay.
     if _uses_cuda(backend) and torch.cuda.is_available() and torch.cuda.device_count() > 0:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    options: dict[str, Any] = dict(kwargs)
+    if timeout:
+        options["timeout"] = timeout
     dist.init_process_group(backend, store=launcher_store(timeout), rank=rank,
-                            world_size=world, **({"timeout": timeout} if timeout else {}),
-                            **kwargs)
+                            world_size=world, **options)
     return dist.group.WORLD
 
 
