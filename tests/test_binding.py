@@ -23,8 +23,8 @@ def test_info_is_a_named_7_tuple_with_pidfd_and_setup_error():
         assert info.pid == 0 and info.state == 0 and info.pidfd == -1 and info.setup_error is None
         pid = _fork_one(group, 0, code=3)
         running = group.info(0)
-        # The positional shape _launch.py unpacks.
-        p, state, code, sig, order, killed, gone = running
+        # The positional shape of the old 7-tuple still unpacks.
+        p, state, code, sig, order, killed, _gone = running
         assert (p, state, order, killed) == (pid, _C.PROC_RUNNING, 0, 0)
         assert running.pid == pid and running.exit_code == code and running.signal == sig
         assert running.pidfd >= 0

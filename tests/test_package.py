@@ -141,24 +141,27 @@ def test_rank_info_reads_the_tuple_and_the_named_structure():
     from fastspawn._rankinfo import RankInfo
 
     exited = fastspawn._C.PROC_EXITED
-    from_tuple = RankInfo.from_c((4242, exited, 0, 9, 2, 1, 1))
-    assert from_tuple == (4242, exited, 0, 9, 2, True, True, -1)
+    from_tuple = RankInfo.from_c((4242, exited, 0, 9, 2, 1, 1))  # the binding before
+    assert from_tuple == (4242, exited, 0, 9, 2, True, True, -1, None)
     assert (from_tuple.pid, from_tuple.signal, from_tuple.order) == (4242, 9, 2)
     assert from_tuple.killed is True and getattr(from_tuple, "pidfd", -1) == -1
     assert from_tuple.exited and from_tuple.failed and from_tuple.exitcode == -9
-    # The named structure the binding is moving to (field names, pidfd last).
+    # A named structure read by name (pidfd and setup_error are not in its tuple).
     named = collections.namedtuple(
-        "info", "pid state exit_code signal order killed gone pidfd")
-    from_named = RankInfo.from_c(named(4242, exited, 3, 0, 1, 0, 1, 17))
+        "info", "pid state exit_code signal order killed gone pidfd setup_error")
+    from_named = RankInfo.from_c(named(4242, exited, 3, 0, 1, 0, 1, 17, "setsid: EPERM"))
     assert from_named.exitcode == 3 and from_named.pidfd == 17 and from_named.killed is False
+    assert from_named.setup_error == "setsid: EPERM"
     running = RankInfo.from_c((7, fastspawn._C.PROC_RUNNING, 0, 0, 0, 0, 0))
     assert not running.exited and not running.failed and running.exitcode is None
 
 
 def test_rank_info_from_a_live_group(no_leaks):
     ctx = fastspawn.spawn(launcher_state, nprocs=1, join=False, start_method="fork")
+    raw = ctx._group.info(0)
     info = ctx._info(0)
-    assert info.pid == ctx.pids()[0] and isinstance(info.killed, bool)
+    assert info.pid == raw.pid == ctx.pids()[0] and isinstance(info.killed, bool)
+    assert info.pidfd == raw.pidfd and info.setup_error is None
     assert ctx.join(timeout=30)
     assert ctx.processes[0].exitcode == 0
 

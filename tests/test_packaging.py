@@ -47,7 +47,7 @@ def test_wheel_installs_into_a_fresh_venv_and_imports(tmp_path):
     from fastspawn._version import __version__
     assert whl.name.startswith(f"fastspawn-{__version__}-")
     names = zipfile.ZipFile(whl).namelist()
-    assert "fastspawn/py.typed" in names
+    assert "fastspawn/py.typed" in names and "fastspawn/_C.pyi" in names
     assert any(n.startswith("fastspawn/_C.") and n.endswith(".so") for n in names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not any(n.endswith(".a") or n.startswith("csrc/") for n in names)

@@ -1,10 +1,11 @@
 """What the C supervisor knows of one rank (``_C.Group.info(index)``), as one
 typed record.
 
-The binding returns a plain 7-tuple ``(pid, state, exit_code, term_signal,
-exit_order, killed_by_us, gone)``, or a named structure (a PyStructSequence
-with the fields below, ``pidfd`` last). :meth:`RankInfo.from_c` reads either,
-so the rest of the package uses field names and never positions.
+The binding returns a named structure (``_C.RankInfo``, a PyStructSequence:
+the 7-tuple ``(pid, state, exit_code, signal, order, killed, gone)`` with
+``pidfd`` and ``setup_error`` by name); older builds returned the plain 7-tuple.
+:meth:`RankInfo.from_c` reads either, so the rest of the package uses field
+names and never positions.
 """
 from __future__ import annotations
 
@@ -24,16 +25,17 @@ class RankInfo(NamedTuple):
     killed: bool  # the launcher had signalled it
     gone: bool  # seen to have exited (its status may still be on its way)
     pidfd: int = -1  # the supervisor's pidfd for it, -1 where the binding has none
+    setup_error: str | None = None  # why its child-side set-up failed, if it did
 
     @classmethod
     def from_c(cls, raw: Any) -> RankInfo:
         """Build from what ``Group.info`` returned (tuple or named structure)."""
         if hasattr(raw, "exit_code"):
             return cls(raw.pid, raw.state, raw.exit_code, raw.signal, raw.order,
-                       bool(raw.killed), bool(raw.gone), getattr(raw, "pidfd", -1))
+                       bool(raw.killed), bool(raw.gone), getattr(raw, "pidfd", -1),
+                       getattr(raw, "setup_error", None))
         pid, state, exit_code, sig, order, killed, gone = tuple(raw)[:7]
-        pidfd = raw[7] if len(raw) > 7 else -1
-        return cls(pid, state, exit_code, sig, order, bool(killed), bool(gone), pidfd)
+        return cls(pid, state, exit_code, sig, order, bool(killed), bool(gone))
 
     @property
     def exited(self) -> bool:
