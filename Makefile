@@ -103,8 +103,10 @@ sanitize: bootstrap fakes $(CTEST_SAN_BIN) $(EXAMPLE_SAN_BIN)
 	$(SAN_ENV) scripts/run_examples.sh $(EXAMPLE_SAN_BIN)
 	scripts/sanitize_pytest.sh $(PYTEST_ARGS)
 
+# C (clang-format, cppcheck, clang-tidy), then Python (ruff, mypy).
 lint:
 	scripts/lint.sh
+	scripts/lint_python.sh
 
 C_FILES = $(wildcard csrc/include/*.h csrc/include/fastspawn/*.h csrc/lib/*.[ch] \
     csrc/python/*.[ch] tests/c/*.[ch] tests/c/fake_cuda/*.[ch] tests/c/abi/*.[ch] \
