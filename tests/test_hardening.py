@@ -1,11 +1,14 @@
 """Nothing exposed, nothing leaked, nothing killed by mistake (issue 8's audit)."""
 import os
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 
 import fastspawn
-from conftest import run_python, socket_inodes, tcp_listeners, unix_listeners
+from conftest import PACKAGE_DIR, run_python, socket_inodes, tcp_listeners, unix_listeners
 
 LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
 
@@ -69,3 +72,26 @@ print(fastspawn.spawn(f, nprocs=3, start_method="zygote") == list(range(3)))
     last = out.stderr.rstrip().splitlines()[-1]
     assert last.startswith("fastspawn._zygote.ZygoteError: fastspawn zygote (pid "), out.stderr
     assert "failed while starting" in last and "dies_at_import" in last
+
+
+def _can_unshare_pid() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_pid(), reason="needs root and unshare --pid")
+@pytest.mark.parametrize("mode", ["stop", "guardian"])
+def test_reused_pid_of_a_finished_rank_is_not_killed(mode):
+    # Before: a rank that finished early stayed watched; once its pid was reused
+    # by an unrelated process leading its own group, the supervisor's stop (when
+    # another rank failed) or the guardian (when the launcher was SIGKILLed)
+    # SIGKILLed that process group.
+    script = os.path.join(os.path.dirname(__file__), "pid_reuse_scenario.py")
+    env = dict(os.environ, PYTHONPATH=PACKAGE_DIR)
+    out = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, script,
+                          mode], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "survived", out.stdout + out.stderr
