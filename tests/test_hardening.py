@@ -1,11 +1,15 @@
 """Nothing exposed, nothing leaked, nothing killed by mistake (issue 8's audit)."""
 import os
+import resource
+import subprocess
+import sys
 import time
 
 import pytest
 
 import fastspawn
-from conftest import run_python, socket_inodes, tcp_listeners, unix_listeners
+from conftest import PACKAGE_DIR, run_python, socket_inodes, tcp_listeners, unix_listeners
+from fastspawn.store import StoreServer
 
 
 LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
@@ -66,3 +70,115 @@ print(fastspawn.spawn(f, nprocs=300, start_method="zygote") == list(range(300)))
         assert out.stderr.rstrip().splitlines()[-1].startswith("ValueError: "), out.stderr
     else:
         assert out.stdout.strip() == "True"
+
+
+# -- the store under a hostile or careless client (issue 8, findings 3 and 4) --------
+
+# Holds N idle connections to the store without ever saying HELLO, and opens a new
+# one whenever the server closes one of its connections, until stdin closes.
+ATTACKER = r"""
+import selectors, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sel = selectors.DefaultSelector()
+sel.register(sys.stdin, selectors.EVENT_READ)
+def connect():
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect((host, port))
+    except OSError:
+        s.close()
+        return
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ)
+for _ in range(n):
+    connect()
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select(1.0):
+        if key.fileobj is sys.stdin:
+            sys.exit(0)
+        try:
+            data = key.fileobj.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            sel.unregister(key.fileobj)
+            key.fileobj.close()
+            connect()
+"""
+
+def sockets_of(pid) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass
+    return n
+
+
+# A rank with the right token: on "go", connect, set and get; print how long that took.
+GOOD_CLIENT = r"""
+import sys, time
+from fastspawn import _C
+host, port, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.monotonic()
+try:
+    c = _C.StoreClient(host, port, token, timeout=10, connect_timeout=10)
+    c.set("k", b"v")
+    assert c.get("k") == b"v"
+    print("ok", time.monotonic() - t0, flush=True)
+except Exception as e:
+    print("failed", time.monotonic() - t0, type(e).__name__, e, flush=True)
+"""
+
+
+def start_python(code, *args):
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=PACKAGE_DIR))
+
+
+def test_idle_unauthenticated_flood_does_not_lock_the_ranks_out():
+    # Before: ~2200 idle connections without the token took every descriptor of the
+    # launcher (a 1024-fd limit): a rank with the right token timed out, and the
+    # launcher itself could not open a pipe.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if len(os.listdir("/proc/self/fd")) > 900:
+        pytest.skip("this process already holds too many fds for a 1024 limit")
+    procs = []
+    srv = StoreServer()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
+    try:
+        sockets_before = sockets_of(os.getpid())
+        good = start_python(GOOD_CLIENT, srv.host, srv.port, srv.token)
+        procs.append(good)
+        assert good.stdout.readline().strip() == "ready"  # imported: the flood slows that
+        # 3 x 734 connections: each process stays under its own 1024-fd limit.
+        procs += [start_python(ATTACKER, srv.host, srv.port, 734) for _ in range(3)]
+        for p in procs[1:]:
+            assert p.stdout.readline().strip() == "ready"
+        good.stdin.write("go\n")
+        good.stdin.flush()
+        result = good.stdout.readline().split()
+        sockets = sockets_of(os.getpid())  # still flooded: the attackers reconnect
+        stats = srv.stats()
+        print(f"launcher sockets: {sockets_before} before, {sockets} flooded; "
+              f"good client: {result}; server: {stats}")
+        assert result[0] == "ok", result
+        assert float(result[1]) < 3.0, result
+        # The unauthenticated cap (64 by default), the good client's, a little slack.
+        assert sockets - sockets_before <= 64 + 2
+        assert stats["unauth"] <= 64 and stats["evicted"] >= 3 * 734 - 64, stats
+    finally:
+        for p in procs:
+            p.stdin.close()
+        for p in procs:
+            p.wait(timeout=30)
+            p.stdout.close()
+        srv.shutdown()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+

@@ -292,9 +292,17 @@ static void handle_hello(fs_store_server_t *s, struct fs__conn *c, const fs__sto
                       "FASTSPAWN_STORE_TOKEN matches the launcher's)");
         return;
     }
+    size_t authed = atomic_load(&s->counts.nclients) - atomic_load(&s->counts.nunauth);
+    if (authed >= s->max_clients) {
+        atomic_fetch_add_explicit(&s->counts.refused, 1, memory_order_relaxed);
+        fs__reply_err(s, c, m->id, FS_ETOOBIG,
+                      "store server has %zu clients, its limit (max_clients; by default half "
+                      "the launcher's RLIMIT_NOFILE): close unused clients, or raise ulimit -n",
+                      authed);
+        return;
+    }
     c->closing = 0;
-    c->authed = 1;
-    s->nunauth--;
+    fs__conn_authed(s, c);
     struct fs__reply r = fs__reply_begin(s, c, m->id, FS_OK);
     fs__reply_i64(s, &r, (int64_t)s->max_value);
     fs__reply_end(s, &r);

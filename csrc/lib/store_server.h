@@ -74,7 +74,8 @@ struct fs__conn {
     fs__store_buf_t in, out;
     size_t in_off, out_off;
     struct fs__waiter *wfirst, *wlast;
-    struct fs__conn *prev, *next; /* all live connections */
+    struct fs__conn *prev, *next;   /* all live connections */
+    struct fs__conn *uprev, *unext; /* not authenticated yet, oldest first */
     struct fs__conn *dirty_next, *dead_next;
 };
 
@@ -91,6 +92,13 @@ struct fs__table {
     uint64_t seed;
 };
 
+/* The counters fs_store_server_stats reads: written by the server thread only. */
+struct fs__store_counts {
+    atomic_size_t nclients; /* every open connection */
+    atomic_size_t nunauth;  /* of those, not authenticated yet */
+    atomic_uint_least64_t evicted, shed, refused;
+};
+
 struct fs_store_server {
     pthread_t thread;
     int thread_started;
@@ -101,12 +109,14 @@ struct fs_store_server {
     struct fs__tag wake_tag;
     atomic_int stop;
     atomic_int failed;
-    atomic_size_t nclients;
+    struct fs__store_counts counts;
     fs_error_t thread_err;
     uint8_t token[FS_STORE_MAX_TOKEN];
     size_t token_len;
     size_t max_value, max_frame;
     int auth_timeout_ms;
+    size_t max_unauth, max_clients;
+    int64_t accept_paused_until; /* fs_now_ms clock; 0: accepting */
     char host[64];
     int port;
     struct sockaddr_storage addr;      /* the bound TCP address */
@@ -115,7 +125,7 @@ struct fs_store_server {
     struct fs__table table;
     /* connections */
     struct fs__conn *conns;
-    size_t nunauth;
+    struct fs__conn *ufirst, *ulast; /* not authenticated yet, oldest first */
     struct fs__conn *dirty, *dead;
     fs__store_arg_t *args; /* parse scratch, FS__STORE_MAX_ARGS */
 };
@@ -163,8 +173,15 @@ void fs__conn_flush(fs_store_server_t *s, struct fs__conn *c);
 void fs__conn_run_dirty(fs_store_server_t *s);
 /* Accept what l has pending (at most a batch). */
 void fs__conn_accept(fs_store_server_t *s, struct fs__listener *l);
+/* Accepting was paused (descriptors ran out) and the pause is over: accept again. */
+void fs__conn_accept_resume(fs_store_server_t *s);
 /* Close connections that did not authenticate within auth_timeout_ms. */
-void fs__conn_sweep_unauth(fs_store_server_t *s);
+void fs__conn_expire_unauth(fs_store_server_t *s);
+/* The next moment the loop must wake for (an unauthenticated connection's deadline, the
+   end of an accept pause); INT64_MAX when none. */
+int64_t fs__conn_next_deadline(const fs_store_server_t *s);
+/* HELLO succeeded: c counts as authenticated (off the unauthenticated list). */
+void fs__conn_authed(fs_store_server_t *s, struct fs__conn *c);
 
 /* Replies, built on c->out. A failure (out of memory) queues c to be closed. */
 struct fs__reply {
