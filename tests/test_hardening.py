@@ -1,6 +1,8 @@
 """Nothing exposed, nothing leaked, nothing killed by mistake (issue 8's audit)."""
 import os
 import resource
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -73,6 +75,39 @@ print(fastspawn.spawn(f, nprocs=300, start_method="zygote") == list(range(300)))
 
 
 # -- the store under a hostile or careless client (issue 8, findings 3 and 4) --------
+
+MAGIC = b"fastspawn-store/1"
+OP_HELLO, OP_SET, OP_GET, OP_NUM_KEYS = 1, 2, 3, 9
+MiB = 1 << 20
+
+
+def store_frame(op, *args, rid=1):
+    body = b"".join(struct.pack("<I", len(a)) + a for a in args)
+    head = struct.pack("<IBBH", rid, op, 0, len(args))
+    return struct.pack("<I", len(head) + len(body)) + head + body
+
+
+def recv_frame(sock):
+    """(request id, code) of the next reply."""
+    def exactly(n):
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = sock.recv_into(view[got:])
+            assert k, "the server closed the connection"
+            got += k
+        return buf
+    (n,) = struct.unpack("<I", exactly(4))
+    return struct.unpack("<IB", exactly(n)[:5])
+
+
+def vm_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
 
 # Holds N idle connections to the store without ever saying HELLO, and opens a new
 # one whenever the server closes one of its connections, until stdin closes.
@@ -182,3 +217,32 @@ def test_idle_unauthenticated_flood_does_not_lock_the_ranks_out():
         srv.shutdown()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
+
+def test_parked_answers_obey_the_output_limit():
+    # Before: 40 gets parked by a client that never reads, then a 16 MiB set,
+    # grew the launcher by 40 x 16 MiB.
+    with StoreServer() as srv:
+        sock = socket.create_connection((srv.host, srv.port), timeout=10)
+        sock.sendall(store_frame(OP_HELLO, MAGIC, srv.token.encode()))
+        assert recv_frame(sock) == (1, 0)
+        sock.sendall(b"".join(store_frame(OP_GET, b"big", rid=2 + i) for i in range(40)))
+        # Requests on a connection are handled in order: once num_keys is answered,
+        # the 40 gets are parked. From here on the client never reads.
+        sock.sendall(store_frame(OP_NUM_KEYS, rid=100))
+        assert recv_frame(sock) == (100, 0)
+        value = b"\x01" * (16 * MiB)
+        rss0 = vm_rss()
+        setter = srv.client(timeout=30)
+        setter.set("big", value)  # the server wakes the 40 gets before it answers this
+        setter.close()
+        grew = vm_rss() - rss0
+        stats = srv.stats()
+        print(f"RSS grew by {grew / MiB:.0f} MiB; server: {stats}")
+        assert grew < 100 * MiB
+        # The 8 MiB output limit plus the one reply that crossed it; the rest wait, uncopied.
+        assert stats["out_bytes"] <= 8 * MiB + 16 * MiB + 64, stats
+        assert stats["parked"] >= 38, stats
+        # They are answered as the client reads.
+        sock.settimeout(30)
+        assert sorted(recv_frame(sock) for _ in range(40)) == [(2 + i, 0) for i in range(40)]
+        sock.close()

@@ -98,6 +98,8 @@ void fs__conn_kill(fs_store_server_t *s, struct fs__conn *c)
     if (c->next)
         c->next->prev = c->prev;
     atomic_fetch_sub(&s->counts.nclients, 1);
+    atomic_fetch_sub_explicit(&s->counts.out_bytes, c->out_counted, memory_order_relaxed);
+    c->out_counted = 0;
     c->dead_next = s->dead;
     s->dead = c;
 }
@@ -135,6 +137,17 @@ static void conn_update_events(fs_store_server_t *s, struct fs__conn *c)
     c->events = want;
 }
 
+/* Bring the server's out_bytes up to date with c's unsent bytes. */
+static void conn_count_out(fs_store_server_t *s, struct fs__conn *c)
+{
+    size_t now = fs__conn_unsent(c);
+    if (now >= c->out_counted)
+        atomic_fetch_add_explicit(&s->counts.out_bytes, now - c->out_counted, memory_order_relaxed);
+    else
+        atomic_fetch_sub_explicit(&s->counts.out_bytes, c->out_counted - now, memory_order_relaxed);
+    c->out_counted = now;
+}
+
 void fs__conn_flush(fs_store_server_t *s, struct fs__conn *c)
 {
     while (c->out_off < c->out.len) {
@@ -159,11 +172,14 @@ void fs__conn_flush(fs_store_server_t *s, struct fs__conn *c)
             return;
         }
     }
-    if (c->paused && c->out.len - c->out_off <= FS__STORE_WBUF_HIGH / 2) {
+    /* Half the limit, so that a client reading slowly is not woken for every reply. */
+    if (!c->resume && (c->paused || c->qfirst != NULL) &&
+        fs__conn_unsent(c) <= FS__STORE_WBUF_HIGH / 2) {
         c->paused = 0;
         c->resume = 1;
         fs__conn_mark_dirty(s, c);
     }
+    conn_count_out(s, c);
     conn_update_events(s, c);
 }
 
@@ -232,6 +248,10 @@ void fs__reply_err(fs_store_server_t *s, struct fs__conn *c, uint32_t id, int co
 static void conn_process(fs_store_server_t *s, struct fs__conn *c)
 {
     while (!c->dead && !c->closing && !c->paused && !c->kill_pending) {
+        if (fs__conn_out_full(c)) {
+            c->paused = 1; /* read no more requests until the client reads its replies */
+            break;
+        }
         fs__store_msg_t m;
         size_t limit = c->authed ? s->max_frame : FS__STORE_HELLO_MAX_FRAME;
         int64_t n = fs__store_parse_frame(c->in.p + c->in_off, c->in.len - c->in_off, limit,
@@ -244,8 +264,6 @@ static void conn_process(fs_store_server_t *s, struct fs__conn *c)
         }
         fs__store_handle(s, c, &m);
         c->in_off += (size_t)n;
-        if (c->out.len - c->out_off > FS__STORE_WBUF_HIGH)
-            c->paused = 1;
     }
     if (c->dead)
         return;
@@ -301,6 +319,7 @@ void fs__conn_run_dirty(fs_store_server_t *s)
         fs__conn_flush(s, c);
         if (!c->dead && c->resume && !c->in_dirty) {
             c->resume = 0;
+            fs__store_answer_queued(s, c); /* parked requests first: they came first */
             conn_process(s, c); /* frames that waited while paused; marks c dirty again */
         }
     }

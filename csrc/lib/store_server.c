@@ -235,6 +235,7 @@ int fs_store_server_start(const fs_store_server_opts_t *opts, fs_store_server_t 
     atomic_init(&s->failed, 0);
     atomic_init(&s->counts.nclients, 0);
     atomic_init(&s->counts.nunauth, 0);
+    atomic_init(&s->counts.out_bytes, 0);
     atomic_init(&s->counts.evicted, 0);
     atomic_init(&s->counts.shed, 0);
     atomic_init(&s->counts.refused, 0);
@@ -313,6 +314,8 @@ void fs_store_server_stats(const fs_store_server_t *s, fs_store_server_stats_t *
     size_t all = atomic_load(&k->nclients), unauth = atomic_load(&k->nunauth);
     out->clients = all >= unauth ? all - unauth : 0; /* two loads, not one snapshot */
     out->unauth = unauth;
+    out->parked = atomic_load(&((fs_store_server_t *)s)->table.nwaiters);
+    out->out_bytes = atomic_load(&k->out_bytes);
     out->evicted = atomic_load(&k->evicted);
     out->shed = atomic_load(&k->shed);
     out->refused = atomic_load(&k->refused);

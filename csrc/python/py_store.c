@@ -287,9 +287,11 @@ static PyObject *server_stats(ServerObject *self, PyObject *unused)
         return server_not_running();
     fs_store_server_stats_t st;
     fs_store_server_stats(self->srv, &st);
-    return Py_BuildValue("{snsnsKsKsK}", "clients", (Py_ssize_t)st.clients, "unauth",
-                         (Py_ssize_t)st.unauth, "evicted", (unsigned long long)st.evicted, "shed",
-                         (unsigned long long)st.shed, "refused", (unsigned long long)st.refused);
+    return Py_BuildValue("{snsnsnsnsKsKsK}", "clients", (Py_ssize_t)st.clients, "unauth",
+                         (Py_ssize_t)st.unauth, "parked", (Py_ssize_t)st.parked, "out_bytes",
+                         (Py_ssize_t)st.out_bytes, "evicted", (unsigned long long)st.evicted,
+                         "shed", (unsigned long long)st.shed, "refused",
+                         (unsigned long long)st.refused);
 }
 
 static PyMethodDef server_methods[] = {
@@ -300,7 +302,7 @@ static PyMethodDef server_methods[] = {
      "one (see .token); unix_path '@' also listens on an abstract Unix socket named for you. "
      "0 or None: the C defaults (fastspawn/store.h)."},
     {"stats", (PyCFunction)server_stats, METH_NOARGS,
-     "stats() -> dict: clients, unauth, evicted, shed, refused "
+     "stats() -> dict: clients, unauth, parked, out_bytes, evicted, shed, refused "
      "(fs_store_server_stats)"},
     {"shutdown", (PyCFunction)server_shutdown, METH_NOARGS,
      "Stop the thread, close every connection. Idempotent."},

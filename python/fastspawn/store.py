@@ -347,10 +347,10 @@ class StoreServer:
         return self._srv.num_clients
 
     def stats(self) -> Dict[str, int]:
-        """What the server holds: ``clients`` (authenticated) and ``unauth``
-        connections, and the connections ``evicted`` (unauthenticated: the cap or the
-        hello deadline), ``shed`` (no descriptor left) and ``refused`` (at
-        ``max_clients``) so far."""
+        """What the server holds: ``clients`` (authenticated), ``unauth``, ``parked``
+        requests, ``out_bytes`` queued for clients, and the connections ``evicted``
+        (unauthenticated: the cap or the hello deadline), ``shed`` (no descriptor left)
+        and ``refused`` (at ``max_clients``) so far."""
         return self._srv.stats()
 
     @property

@@ -20,6 +20,7 @@
 #include "fastspawn.h"
 #include "fs_test.h"
 #include "store_proto.h"
+#include "store_server.h" /* the output and parked limits */
 
 #define TOKEN "test-token-0123456789"
 
@@ -1094,6 +1095,20 @@ static int count_fds(void)
     return n - 2; /* "." and ".." */
 }
 
+/* VmRSS of this process in bytes. */
+static long long vm_rss(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long long kb = -1;
+    while (f != NULL && fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "VmRSS: %lld kB", &kb) == 1)
+            break;
+    if (f != NULL)
+        fclose(f);
+    return kb * 1024;
+}
+
 static int tcp_connect_nb(int port)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -1298,6 +1313,103 @@ FS_TEST(test_accept_out_of_fds_does_not_spin)
     FS_CHECK(setrlimit(RLIMIT_NOFILE, &rl) == 0);
 }
 
+/* Read frames from fd until n replies with ids first..first+n-1 came; 1 when they all did. */
+static int read_replies(int fd, uint32_t first, int n, size_t vlen)
+{
+    static uint8_t seen[64];
+    memset(seen, 0, sizeof seen);
+    struct timeval tv = {10, 0};
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0)
+        return 0;
+    size_t frame_len = FS__STORE_HDR + 4 + vlen;
+    uint8_t *buf = malloc(frame_len);
+    int got = 0;
+    while (buf != NULL && got < n) {
+        size_t have = 0;
+        while (have < frame_len) {
+            ssize_t r = recv(fd, buf + have, frame_len - have, 0);
+            if (r <= 0)
+                goto out;
+            have += (size_t)r;
+        }
+        uint32_t id = fs__store_get_u32(buf + 4);
+        if (id < first || id >= first + (uint32_t)n || seen[id - first] || buf[8] != 0)
+            goto out;
+        seen[id - first] = 1;
+        got++;
+    }
+out:
+    free(buf);
+    return got == n;
+}
+
+FS_TEST(test_parked_answers_obey_the_output_limit)
+{
+    enum { PARKED = 40 };
+    const size_t vlen = (size_t)16 << 20;
+    fs_store_server_t *s = start_server(0, NULL);
+    int fd = raw_connect(s);
+    raw_hello(fd);
+    fs__store_buf_t b = {0};
+    const char *key[1] = {"big"};
+    for (int i = 0; i < PARKED; i++) {
+        frame(&b, 2 + (uint32_t)i, FS__OP_GET, 1, key);
+        raw_send(fd, b.p, b.len);
+    }
+    /* Handled in order: once num_keys is answered, the gets are parked. */
+    frame(&b, 100, FS__OP_NUM_KEYS, 0, key);
+    raw_send(fd, b.p, b.len);
+    uint8_t reply[FS__STORE_HDR + 12];
+    FS_CHECK(recv(fd, reply, sizeof reply, MSG_WAITALL) == FS__STORE_HDR + 12);
+    FS_CHECK_EQ(fs__store_get_u32(reply + 4), 100);
+    fs__store_buf_free(&b);
+    uint8_t *big = malloc(vlen);
+    memset(big, 7, vlen);
+    long long rss0 = vm_rss();
+    fs_store_client_t *c = client(s);
+    fs_error_t err;
+    FS_CHECK_OK(fs_store_set(c, "big", big, vlen, 10000, &err), &err); /* wakes them first */
+    long long grew = vm_rss() - rss0;
+    printf("  40 parked gets of a 16 MiB value: RSS grew by %lld MiB\n", grew >> 20);
+    FS_CHECK(grew < (100ll << 20));
+    /* The limit, plus the one reply that crossed it; the rest wait without a copy. */
+    fs_store_server_stats_t st;
+    fs_store_server_stats(s, &st);
+    FS_CHECK(st.out_bytes <= FS__STORE_WBUF_HIGH + vlen + 64);
+    FS_CHECK(st.parked >= PARKED - 2);
+    /* Every answer still comes, as the client reads. */
+    FS_CHECK(read_replies(fd, 2, PARKED, vlen));
+    int64_t t0 = fs_now_ms(); /* the server counts the last send after it returned */
+    do
+        fs_store_server_stats(s, &st);
+    while (st.out_bytes != 0 && fs_now_ms() - t0 < 2000);
+    FS_CHECK_EQ(st.parked, 0);
+    FS_CHECK_EQ(st.out_bytes, 0);
+    close(fd);
+    /* A client that leaves with answers queued frees them. */
+    fd = raw_connect(s);
+    raw_hello(fd);
+    for (int i = 0; i < PARKED; i++) {
+        frame(&b, 2 + (uint32_t)i, FS__OP_GET, 1, (const char *[]){"big2"});
+        raw_send(fd, b.p, b.len);
+    }
+    frame(&b, 100, FS__OP_NUM_KEYS, 0, key);
+    raw_send(fd, b.p, b.len);
+    FS_CHECK(recv(fd, reply, sizeof reply, MSG_WAITALL) == FS__STORE_HDR + 12);
+    fs__store_buf_free(&b);
+    FS_CHECK_OK(fs_store_set(c, "big2", big, vlen, 10000, &err), &err);
+    close(fd);
+    t0 = fs_now_ms();
+    while (fs_store_server_num_clients(s) != 1 && fs_now_ms() - t0 < 2000)
+        sleep_ms(10);
+    fs_store_server_stats(s, &st);
+    FS_CHECK_EQ(st.parked, 0);
+    FS_CHECK_EQ(st.out_bytes, 0);
+    fs_store_close(c);
+    free(big);
+    fs_store_server_stop(s);
+}
+
 /* 1 when the server has closed fd within ms (EOF or reset), 0 when it is still open. */
 static int closed_within(int fd, int ms)
 {
@@ -1385,6 +1497,51 @@ FS_TEST(test_max_clients_refuses_hello_beyond)
     FS_CHECK_OK(fs_store_set(c, "k", "v", 1, 1000, &err), &err);
     fs_store_close(b);
     fs_store_close(c);
+    fs_store_server_stop(s);
+}
+
+/* Waits on FS_STORE_MAX_KEYS long missing keys: each parks ~3.9 MiB of key bytes. */
+FS_TEST(test_parked_bytes_per_connection_are_bounded)
+{
+    fs_store_server_t *s = start_server(0, NULL);
+    int fd = raw_connect(s);
+    raw_hello(fd);
+    static char keys[FS_STORE_MAX_KEYS][4001];
+    static const char *ptrs[FS_STORE_MAX_KEYS];
+    for (size_t i = 0; i < FS_STORE_MAX_KEYS; i++) {
+        memset(keys[i], 'k', 4000);
+        for (size_t j = 0; j < 4; j++) /* distinct keys, in letters: no NUL in them */
+            keys[i][j] = (char)('a' + ((i >> (4 * j)) & 15));
+        ptrs[i] = keys[i];
+    }
+    fs__store_buf_t b = {0};
+    enum { WAITS = 4, FIT = 2 }; /* 2 x 3.9 MiB fit in FS__STORE_PARKED_MAX (8 MiB) */
+    for (int i = 0; i < WAITS; i++) {
+        frame(&b, 2 + (uint32_t)i, FS__OP_WAIT, (int)FS_STORE_MAX_KEYS, ptrs);
+        raw_send(fd, b.p, b.len);
+    }
+    frame(&b, 100, FS__OP_NUM_KEYS, 0, ptrs);
+    raw_send(fd, b.p, b.len);
+    fs__store_buf_free(&b);
+    /* Those beyond the limit are refused, the connection kept: num_keys is answered. */
+    uint8_t reply[FS__STORE_HDR + 4 + FS_ERRMSG_LEN];
+    int refused = 0;
+    for (;;) {
+        FS_CHECK_EQ(recv(fd, reply, FS__STORE_HDR, MSG_WAITALL), FS__STORE_HDR);
+        size_t rest = fs__store_get_u32(reply) + 4 - FS__STORE_HDR;
+        FS_CHECK(rest <= sizeof reply - FS__STORE_HDR);
+        if (rest > sizeof reply - FS__STORE_HDR ||
+            recv(fd, reply + FS__STORE_HDR, rest, MSG_WAITALL) != (ssize_t)rest)
+            break;
+        if (fs__store_get_u32(reply + 4) == 100)
+            break;
+        refused += (int8_t)reply[8] == FS_ETOOBIG;
+    }
+    FS_CHECK_EQ(refused, WAITS - FIT);
+    fs_store_server_stats_t st;
+    fs_store_server_stats(s, &st);
+    FS_CHECK_EQ(st.parked, FIT);
+    close(fd);
     fs_store_server_stop(s);
 }
 

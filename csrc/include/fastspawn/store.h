@@ -54,11 +54,16 @@ typedef struct fs_store_server_opts {
 
 /*
  * What the server holds, for monitoring and tests. The server's descriptors are at most
- * 5 (listeners, epoll, eventfd, a reserve) + max_unauth + max_clients.
+ * 5 (listeners, epoll, eventfd, a reserve) + max_unauth + max_clients. Queued reply bytes
+ * per connection stay under an 8 MiB output limit plus one reply: a client over it is
+ * not read from, and requests parked for it that wake wait (values not copied) until it
+ * reads.
  */
 typedef struct fs_store_server_stats {
     size_t clients;   /* authenticated connections */
     size_t unauth;    /* connections that have not authenticated yet */
+    size_t parked;    /* get / wait / multi_get requests waiting for keys or for room */
+    size_t out_bytes; /* reply bytes queued in the server, not yet taken by the kernel */
     uint64_t evicted; /* unauthenticated connections closed: the cap, or the hello deadline */
     uint64_t shed;    /* connections closed as they were accepted: no descriptor left */
     uint64_t refused; /* HELLOs refused at max_clients */
