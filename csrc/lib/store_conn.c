@@ -358,7 +358,8 @@ void fs__conn_accept_resume(fs_store_server_t *s)
     s->accept_paused_until = 0;
     if (s->reserve_fd < 0)
         s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC); /* -1: still none */
-    (void)set_accepting(s, 1);                                   /* a failure stopped the server */
+    /* A failure has stopped the server: nothing more to do here. */
+    (void)set_accepting(s, 1);
 }
 
 /*
