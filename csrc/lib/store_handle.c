@@ -6,7 +6,12 @@
  *
  * A blocking request (get / wait / multi_get) whose keys are missing is parked as a
  * waiter on the first missing key (store_table.c) and answered when that key is written;
- * the client enforces the deadline and sends CANCEL.
+ * the client enforces the deadline and sends CANCEL. Its answer obeys the per-client
+ * output limit like any other reply (store_server.h, FS__STORE_WBUF_HIGH): woken while
+ * its client's output is over the limit, it is queued with no value copied, and answered
+ * with the value the key holds once the client has read (fs__store_answer_queued).
+ * Closing such a client instead (redis's client-output-buffer-limit) would punish a slow
+ * reader for what costs the server nothing to keep: the value stays in the table.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,16 +80,26 @@ static void waiter_eval(fs_store_server_t *s, struct fs__waiter *w)
     fs__waiter_park(w, e);
 }
 
-/* A key got a value: re-check everything parked on it. */
+/* A key got a value: re-check everything parked on it, or queue what cannot be answered
+   now for want of room in its client's output. */
 static void wake(fs_store_server_t *s, struct fs__entry *e)
 {
     struct fs__waiter *w = fs__waiter_take_all(e);
     while (w) {
         struct fs__waiter *next = w->knext;
         w->knext = NULL;
-        waiter_eval(s, w);
+        if (fs__conn_out_full(w->conn))
+            fs__waiter_queue(w);
+        else
+            waiter_eval(s, w);
         w = next;
     }
+}
+
+void fs__store_answer_queued(fs_store_server_t *s, struct fs__conn *c)
+{
+    while (c->qfirst != NULL && !fs__conn_out_full(c) && !c->kill_pending)
+        waiter_eval(s, fs__waiter_dequeue(c)); /* answers it, or parks it again */
 }
 
 /* get, wait, multi_get: answer now, or park until the keys exist. */
@@ -93,7 +108,16 @@ static void handle_get(fs_store_server_t *s, struct fs__conn *c, const fs__store
     uint32_t missing = 0;
     if (try_answer(s, c, m->id, m->code, m->args, m->nargs, &missing))
         return;
-    struct fs__waiter *w = fs__waiter_new(c, m);
+    size_t bytes = fs__waiter_size(m);
+    if (c->parked_bytes + bytes > FS__STORE_PARKED_MAX) {
+        /* Our client parks one request at a time: this one pipelines without reading. */
+        fs__reply_err(s, c, m->id, FS_ETOOBIG,
+                      "store %s: this connection has %zu bytes of requests parked already; "
+                      "the limit is %zu",
+                      fs__store_op_name(m->code), c->parked_bytes, FS__STORE_PARKED_MAX);
+        return;
+    }
+    struct fs__waiter *w = fs__waiter_new(&s->table, c, m);
     if (w == NULL) {
         fs__reply_err(s, c, m->id, FS_ENOMEM, "store server out of memory parking a %s",
                       fs__store_op_name(m->code));
@@ -292,9 +316,17 @@ static void handle_hello(fs_store_server_t *s, struct fs__conn *c, const fs__sto
                       "FASTSPAWN_STORE_TOKEN matches the launcher's)");
         return;
     }
+    size_t authed = atomic_load(&s->counts.nclients) - atomic_load(&s->counts.nunauth);
+    if (authed >= s->max_clients) {
+        atomic_fetch_add_explicit(&s->counts.refused, 1, memory_order_relaxed);
+        fs__reply_err(s, c, m->id, FS_ETOOBIG,
+                      "store server has %zu clients, its limit (max_clients; by default half "
+                      "the launcher's RLIMIT_NOFILE): close unused clients, or raise ulimit -n",
+                      authed);
+        return;
+    }
     c->closing = 0;
-    c->authed = 1;
-    s->nunauth--;
+    fs__conn_authed(s, c);
     struct fs__reply r = fs__reply_begin(s, c, m->id, FS_OK);
     fs__reply_i64(s, &r, (int64_t)s->max_value);
     fs__reply_end(s, &r);

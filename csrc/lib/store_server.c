@@ -12,13 +12,13 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "internal.h"
 #include "store_server.h"
 
 #define EVENT_BATCH 128
-#define SWEEP_EVERY_MS 500 /* look for connections that never authenticate this often */
 
 static void on_event(fs_store_server_t *s, const struct epoll_event *ev)
 {
@@ -55,11 +55,12 @@ static void *server_main(void *arg)
 {
     fs_store_server_t *s = arg;
     struct epoll_event evs[EVENT_BATCH];
-    int64_t last_sweep = fs_now_ms(), busy_until = 0;
+    int64_t busy_until = 0;
     while (!atomic_load(&s->stop)) {
-        /* Right after a request, poll without sleeping for FS__STORE_SPIN_US: a
-         * rendezvous is a burst of requests (see store_proto.h). */
-        int timeout = s->nunauth > 0 ? SWEEP_EVERY_MS * 2 : -1;
+        /* Sleep until the next hello deadline or the end of an accept pause; but right
+         * after a request, poll without sleeping for FS__STORE_SPIN_US: a rendezvous is
+         * a burst of requests (see store_proto.h). */
+        int timeout = fs__poll_timeout(fs__conn_next_deadline(s));
         if (busy_until != 0 && fs__now_us() < busy_until)
             timeout = 0;
         int n = epoll_wait(s->ep, evs, EVENT_BATCH, timeout);
@@ -76,11 +77,8 @@ static void *server_main(void *arg)
             on_event(s, &evs[i]);
             fs__conn_run_dirty(s);
         }
-        if (s->nunauth > 0 && fs_now_ms() - last_sweep >= SWEEP_EVERY_MS) {
-            fs__conn_sweep_unauth(s);
-            fs__conn_run_dirty(s);
-            last_sweep = fs_now_ms();
-        }
+        fs__conn_expire_unauth(s);
+        fs__conn_accept_resume(s);
         fs__conn_free_dead(s);
     }
     return NULL;
@@ -186,7 +184,36 @@ static int check_opts(const fs_store_server_opts_t *opts, fs_error_t *err)
     if (opts->max_value_size > (size_t)UINT32_MAX - FS__STORE_FRAME_SLACK)
         return fs_error_set(err, FS_EINVAL, "store max_value_size %zu exceeds %zu",
                             opts->max_value_size, (size_t)UINT32_MAX - FS__STORE_FRAME_SLACK);
+    if (opts->auth_timeout_ms < 0 || opts->max_unauth < 0 || opts->max_clients < 0)
+        return fs_error_set(err, FS_EINVAL,
+                            "store server: auth_timeout_ms, max_unauth and max_clients must be "
+                            ">= 0 (0: the default), got %d, %d, %d",
+                            opts->auth_timeout_ms, opts->max_unauth, opts->max_clients);
     return FS_OK;
+}
+
+/* max_clients 0: half of the descriptors the process may open, so that store clients
+   alone never take the launcher's last ones (redis sizes its maxclients by the limit). */
+static size_t default_max_clients(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur == RLIM_INFINITY ||
+        rl.rlim_cur / 2 > FS_STORE_DEFAULT_MAX_CLIENTS)
+        return FS_STORE_DEFAULT_MAX_CLIENTS;
+    return rl.rlim_cur / 2 > 0 ? (size_t)(rl.rlim_cur / 2) : 1;
+}
+
+/* The options, defaults filled in (check_opts accepted them). */
+static void apply_opts(fs_store_server_t *s, const fs_store_server_opts_t *opts)
+{
+    s->token_len = strlen(opts->token);
+    memcpy(s->token, opts->token, s->token_len);
+    s->max_value = opts->max_value_size ? opts->max_value_size : FS_STORE_DEFAULT_MAX_VALUE;
+    s->max_frame = fs__store_max_frame(s->max_value);
+    s->auth_timeout_ms =
+        opts->auth_timeout_ms > 0 ? opts->auth_timeout_ms : FS_STORE_DEFAULT_AUTH_TIMEOUT_MS;
+    s->max_unauth = (size_t)(opts->max_unauth > 0 ? opts->max_unauth : FS_STORE_DEFAULT_MAX_UNAUTH);
+    s->max_clients = opts->max_clients > 0 ? (size_t)opts->max_clients : default_max_clients();
 }
 
 int fs_store_server_start(const fs_store_server_opts_t *opts, fs_store_server_t **out,
@@ -202,16 +229,16 @@ int fs_store_server_start(const fs_store_server_opts_t *opts, fs_store_server_t 
     s->ep = s->wakefd = s->reserve_fd = -1;
     s->registry_slot = -1;
     s->owner = getpid();
-    s->token_len = strlen(opts->token);
-    memcpy(s->token, opts->token, s->token_len);
-    s->max_value = opts->max_value_size ? opts->max_value_size : FS_STORE_DEFAULT_MAX_VALUE;
-    s->max_frame = fs__store_max_frame(s->max_value);
-    s->auth_timeout_ms =
-        opts->auth_timeout_ms > 0 ? opts->auth_timeout_ms : FS_STORE_DEFAULT_AUTH_TIMEOUT_MS;
+    apply_opts(s, opts);
     s->wake_tag.kind = FS__TAG_WAKE;
     atomic_init(&s->stop, 0);
     atomic_init(&s->failed, 0);
-    atomic_init(&s->nclients, 0);
+    atomic_init(&s->counts.nclients, 0);
+    atomic_init(&s->counts.nunauth, 0);
+    atomic_init(&s->counts.out_bytes, 0);
+    atomic_init(&s->counts.evicted, 0);
+    atomic_init(&s->counts.shed, 0);
+    atomic_init(&s->counts.refused, 0);
     s->args = malloc(FS__STORE_MAX_ARGS * sizeof *s->args);
     if (s->args == NULL) {
         rc = fs_error_set(err, FS_ENOMEM, "store server: out of memory");
@@ -277,7 +304,21 @@ const char *fs_store_server_unix_path(const fs_store_server_t *s)
 
 size_t fs_store_server_num_clients(const fs_store_server_t *s)
 {
-    return atomic_load(&((fs_store_server_t *)s)->nclients);
+    return atomic_load(&((fs_store_server_t *)s)->counts.nclients);
+}
+
+void fs_store_server_stats(const fs_store_server_t *s, fs_store_server_stats_t *out)
+{
+    /* The counters are atomics (C11 loads need a non-const object). */
+    struct fs__store_counts *k = &((fs_store_server_t *)s)->counts;
+    size_t all = atomic_load(&k->nclients), unauth = atomic_load(&k->nunauth);
+    out->clients = all >= unauth ? all - unauth : 0; /* two loads, not one snapshot */
+    out->unauth = unauth;
+    out->parked = atomic_load(&((fs_store_server_t *)s)->table.nwaiters);
+    out->out_bytes = atomic_load(&k->out_bytes);
+    out->evicted = atomic_load(&k->evicted);
+    out->shed = atomic_load(&k->shed);
+    out->refused = atomic_load(&k->refused);
 }
 
 int fs_store_server_check(const fs_store_server_t *s, fs_error_t *err)

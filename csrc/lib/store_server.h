@@ -21,8 +21,18 @@
 #include "net.h"
 #include "store_proto.h"
 
-#define FS__STORE_WBUF_HIGH ((size_t)8 << 20) /* stop reading a client whose replies pile up */
+/*
+ * The per-client output limit. A connection with more reply bytes queued than this is not
+ * read from, and a request parked for it that wakes is queued (its value not copied)
+ * until the client has read its queue down to half: every reply, a parked request's
+ * included, is built only while the queue is under the limit, so it never holds more than
+ * the limit plus one reply.
+ */
+#define FS__STORE_WBUF_HIGH ((size_t)8 << 20)
 #define FS__STORE_SERVER_BUF_KEEP ((size_t)2 << 20) /* free idle buffers larger than this */
+/* Bytes of parked requests one connection may hold (one wait on FS_STORE_MAX_KEYS keys
+   of the longest kind fits; our client parks one request at a time). */
+#define FS__STORE_PARKED_MAX ((size_t)8 << 20)
 
 enum fs__tag_kind { FS__TAG_LISTEN, FS__TAG_WAKE, FS__TAG_CONN };
 
@@ -47,12 +57,18 @@ struct fs__entry {
 
 struct fs__conn;
 
-/* A parked get / wait / multi_get: on the first of its keys that has no value yet. */
+/*
+ * A parked get / wait / multi_get: on the first of its keys that has no value yet, or,
+ * woken while its connection's output was over the limit, queued on the connection.
+ */
 struct fs__waiter {
     struct fs__waiter *kprev, *knext; /* on entry `on` */
     struct fs__entry *on;
     struct fs__waiter *cprev, *cnext; /* on its connection */
+    struct fs__waiter *qprev, *qnext; /* on its connection's queue, when `queued` */
     struct fs__conn *conn;
+    int queued;
+    size_t bytes; /* allocated, counted in conn->parked_bytes */
     uint32_t id;
     int op;
     uint32_t nkeys;
@@ -65,18 +81,33 @@ struct fs__conn {
     int authed;
     int closing;      /* close once `out` is flushed (after an auth failure) */
     int dead;         /* closed; freed at the end of the event batch */
-    int paused;       /* not reading: too many unsent replies */
+    int paused;       /* not reading: output over the limit */
     int kill_pending; /* close at the next flush (out of memory) */
-    int resume;       /* unpaused: handle the frames that waited in `in` */
+    int resume;       /* output under half the limit again: answer `qfirst`, read `in` */
     int in_dirty;
     uint32_t events; /* epoll mask now registered */
     int64_t accepted_ms;
     fs__store_buf_t in, out;
     size_t in_off, out_off;
-    struct fs__waiter *wfirst, *wlast;
-    struct fs__conn *prev, *next; /* all live connections */
+    size_t out_counted;  /* of out's unsent bytes, those counted in the server's out_bytes */
+    size_t parked_bytes; /* sum of its waiters' `bytes` */
+    struct fs__waiter *wfirst, *wlast; /* every waiter of this connection */
+    struct fs__waiter *qfirst, *qlast; /* woken while the output was full: answer later */
+    struct fs__conn *prev, *next;      /* all live connections */
+    struct fs__conn *uprev, *unext;    /* not authenticated yet, oldest first */
     struct fs__conn *dirty_next, *dead_next;
 };
+
+static inline size_t fs__conn_unsent(const struct fs__conn *c)
+{
+    return c->out.len - c->out_off;
+}
+
+/* Over the output limit: build no more replies for c until it reads. */
+static inline int fs__conn_out_full(const struct fs__conn *c)
+{
+    return fs__conn_unsent(c) > FS__STORE_WBUF_HIGH;
+}
 
 struct fs__listener {
     struct fs__tag tag;
@@ -89,6 +120,15 @@ struct fs__table {
     struct fs__entry **buckets;
     size_t nbuckets, nentries, nkeys; /* nkeys: entries that hold a value */
     uint64_t seed;
+    atomic_size_t nwaiters; /* parked requests (read by fs_store_server_stats) */
+};
+
+/* The counters fs_store_server_stats reads: written by the server thread only. */
+struct fs__store_counts {
+    atomic_size_t nclients; /* every open connection */
+    atomic_size_t nunauth;  /* of those, not authenticated yet */
+    atomic_size_t out_bytes;
+    atomic_uint_least64_t evicted, shed, refused;
 };
 
 struct fs_store_server {
@@ -101,12 +141,14 @@ struct fs_store_server {
     struct fs__tag wake_tag;
     atomic_int stop;
     atomic_int failed;
-    atomic_size_t nclients;
+    struct fs__store_counts counts;
     fs_error_t thread_err;
     uint8_t token[FS_STORE_MAX_TOKEN];
     size_t token_len;
     size_t max_value, max_frame;
     int auth_timeout_ms;
+    size_t max_unauth, max_clients;
+    int64_t accept_paused_until; /* fs_now_ms clock; 0: accepting */
     char host[64];
     int port;
     struct sockaddr_storage addr;      /* the bound TCP address */
@@ -115,7 +157,7 @@ struct fs_store_server {
     struct fs__table table;
     /* connections */
     struct fs__conn *conns;
-    size_t nunauth;
+    struct fs__conn *ufirst, *ulast; /* not authenticated yet, oldest first */
     struct fs__conn *dirty, *dead;
     fs__store_arg_t *args; /* parse scratch, FS__STORE_MAX_ARGS */
 };
@@ -137,13 +179,20 @@ int fs__entry_append(struct fs__table *t, struct fs__entry *e, const void *v, si
 /* Remove e's value (1 if it had one), dropping e unless requests are parked on it. */
 int fs__entry_delete(struct fs__table *t, struct fs__entry *e);
 
+/* Bytes a waiter for request m takes (what FS__STORE_PARKED_MAX counts). */
+size_t fs__waiter_size(const fs__store_msg_t *m);
 /* A waiter for request m of connection c (keys copied), linked on c, on no key yet. */
-struct fs__waiter *fs__waiter_new(struct fs__conn *c, const fs__store_msg_t *m);
+struct fs__waiter *fs__waiter_new(struct fs__table *t, struct fs__conn *c,
+                                  const fs__store_msg_t *m);
 /* Park w on entry e (at the end of its list). */
 void fs__waiter_park(struct fs__waiter *w, struct fs__entry *e);
 /* Take every waiter parked on e off it: returns the list (linked by knext). */
 struct fs__waiter *fs__waiter_take_all(struct fs__entry *e);
-/* Unlink w from its key and its connection, and free it. */
+/* Queue w (on no key) on its connection, to be answered once the client reads. */
+void fs__waiter_queue(struct fs__waiter *w);
+/* Take the first queued waiter of c off the queue; NULL when none. */
+struct fs__waiter *fs__waiter_dequeue(struct fs__conn *c);
+/* Unlink w from its key or queue and its connection, and free it. */
 void fs__waiter_free(struct fs__table *t, struct fs__waiter *w);
 /* Free every waiter c has parked (it is closing). */
 void fs__conn_drop_waiters(struct fs__table *t, struct fs__conn *c);
@@ -163,8 +212,15 @@ void fs__conn_flush(fs_store_server_t *s, struct fs__conn *c);
 void fs__conn_run_dirty(fs_store_server_t *s);
 /* Accept what l has pending (at most a batch). */
 void fs__conn_accept(fs_store_server_t *s, struct fs__listener *l);
+/* Accepting was paused (descriptors ran out) and the pause is over: accept again. */
+void fs__conn_accept_resume(fs_store_server_t *s);
 /* Close connections that did not authenticate within auth_timeout_ms. */
-void fs__conn_sweep_unauth(fs_store_server_t *s);
+void fs__conn_expire_unauth(fs_store_server_t *s);
+/* The next moment the loop must wake for (an unauthenticated connection's deadline, the
+   end of an accept pause); INT64_MAX when none. */
+int64_t fs__conn_next_deadline(const fs_store_server_t *s);
+/* HELLO succeeded: c counts as authenticated (off the unauthenticated list). */
+void fs__conn_authed(fs_store_server_t *s, struct fs__conn *c);
 
 /* Replies, built on c->out. A failure (out of memory) queues c to be closed. */
 struct fs__reply {
@@ -184,6 +240,8 @@ void fs__reply_err(fs_store_server_t *s, struct fs__conn *c, uint32_t id, int co
 
 /* Handle one well-formed request (the connection's first must be HELLO). */
 void fs__store_handle(fs_store_server_t *s, struct fs__conn *c, const fs__store_msg_t *m);
+/* Answer c's queued waiters (woken while its output was full) while the output has room. */
+void fs__store_answer_queued(fs_store_server_t *s, struct fs__conn *c);
 
 /* ---- store_fork.c ----------------------------------------------------------------- */
 

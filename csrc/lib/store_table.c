@@ -5,7 +5,9 @@
  * collide) of entries. An entry exists while it holds a value or has requests parked on
  * it: a get / wait / multi_get whose key is missing parks a waiter on the entry of its
  * first missing key, and store_handle.c re-checks those waiters when the key is written.
- * Each waiter is also on its connection's list, so closing a connection frees them.
+ * Each waiter is also on its connection's list, so closing a connection frees them. A
+ * waiter woken while its connection's output is over the limit sits on the connection's
+ * queue instead of a key (store_handle.c answers it once the client reads).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +30,7 @@ static uint64_t hash_key(uint64_t seed, const uint8_t *p, size_t n)
 int fs__table_init(struct fs__table *t, fs_error_t *err)
 {
     memset(t, 0, sizeof *t);
+    atomic_init(&t->nwaiters, 0);
     if (fs__getrandom(&t->seed, sizeof t->seed) < 0)
         return fs_error_sys(err, "store server: getrandom");
     t->nbuckets = INITIAL_BUCKETS;
@@ -167,16 +170,23 @@ int fs__entry_delete(struct fs__table *t, struct fs__entry *e)
 
 /* ---- waiters ---------------------------------------------------------------------- */
 
-struct fs__waiter *fs__waiter_new(struct fs__conn *c, const fs__store_msg_t *m)
+size_t fs__waiter_size(const fs__store_msg_t *m)
 {
-    size_t bytes = 0;
+    size_t bytes = sizeof(struct fs__waiter) + m->nargs * sizeof(fs__store_arg_t);
     for (unsigned i = 0; i < m->nargs; i++)
         bytes += m->args[i].len;
-    struct fs__waiter *w = malloc(sizeof *w + m->nargs * sizeof(fs__store_arg_t) + bytes);
+    return bytes;
+}
+
+struct fs__waiter *fs__waiter_new(struct fs__table *t, struct fs__conn *c, const fs__store_msg_t *m)
+{
+    size_t bytes = fs__waiter_size(m);
+    struct fs__waiter *w = malloc(bytes);
     if (w == NULL)
         return NULL;
     memset(w, 0, sizeof *w);
     w->conn = c;
+    w->bytes = bytes;
     w->id = m->id;
     w->op = m->code;
     w->nkeys = m->nargs;
@@ -194,6 +204,8 @@ struct fs__waiter *fs__waiter_new(struct fs__conn *c, const fs__store_msg_t *m)
     else
         c->wfirst = w;
     c->wlast = w;
+    c->parked_bytes += bytes;
+    atomic_fetch_add_explicit(&t->nwaiters, 1, memory_order_relaxed);
     return w;
 }
 
@@ -220,8 +232,49 @@ struct fs__waiter *fs__waiter_take_all(struct fs__entry *e)
     return list;
 }
 
+void fs__waiter_queue(struct fs__waiter *w)
+{
+    struct fs__conn *c = w->conn;
+    w->queued = 1;
+    w->qnext = NULL;
+    w->qprev = c->qlast;
+    if (c->qlast)
+        c->qlast->qnext = w;
+    else
+        c->qfirst = w;
+    c->qlast = w;
+}
+
+static void waiter_unqueue(struct fs__waiter *w)
+{
+    struct fs__conn *c = w->conn;
+    if (w->qprev)
+        w->qprev->qnext = w->qnext;
+    else
+        c->qfirst = w->qnext;
+    if (w->qnext)
+        w->qnext->qprev = w->qprev;
+    else
+        c->qlast = w->qprev;
+    w->queued = 0;
+    w->qprev = w->qnext = NULL;
+}
+
+struct fs__waiter *fs__waiter_dequeue(struct fs__conn *c)
+{
+    struct fs__waiter *w = c->qfirst;
+    if (w != NULL)
+        waiter_unqueue(w);
+    return w;
+}
+
+/* Take w off the key it is parked on, or off its connection's queue. */
 static void waiter_unlink_key(struct fs__table *t, struct fs__waiter *w)
 {
+    if (w->queued) {
+        waiter_unqueue(w);
+        return;
+    }
     struct fs__entry *e = w->on;
     if (e == NULL)
         return;
@@ -250,17 +303,17 @@ void fs__waiter_free(struct fs__table *t, struct fs__waiter *w)
         w->cnext->cprev = w->cprev;
     else
         c->wlast = w->cprev;
+    c->parked_bytes -= w->bytes;
+    atomic_fetch_sub_explicit(&t->nwaiters, 1, memory_order_relaxed);
     free(w);
 }
 
 void fs__conn_drop_waiters(struct fs__table *t, struct fs__conn *c)
 {
     struct fs__waiter *w = c->wfirst;
-    c->wfirst = c->wlast = NULL;
     while (w) {
         struct fs__waiter *next = w->cnext;
-        waiter_unlink_key(t, w);
-        free(w);
+        fs__waiter_free(t, w);
         w = next;
     }
 }

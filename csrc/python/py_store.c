@@ -153,15 +153,17 @@ static void server_dealloc(ServerObject *self)
 
 static PyObject *server_start(ServerObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"host",           "port",         "token", "unix_path",
-                             "max_value_size", "auth_timeout", NULL};
+    static char *kwlist[] = {"host",       "port",           "token",
+                             "unix_path",  "max_value_size", "auth_timeout",
+                             "max_unauth", "max_clients",    NULL};
     const char *host = NULL, *token = NULL, *unix_path = NULL;
-    int port = 0;
+    int port = 0, max_unauth = 0, max_clients = 0;
     Py_ssize_t max_value = 0;
     PyObject *auth_obj = Py_None;
     int64_t auth_ms = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zizznO:start", kwlist, &host, &port, &token,
-                                     &unix_path, &max_value, &auth_obj) ||
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zizznOii:start", kwlist, &host, &port, &token,
+                                     &unix_path, &max_value, &auth_obj, &max_unauth,
+                                     &max_clients) ||
         fs_py_timeout_ms(auth_obj, "auth_timeout", 0, INT32_MAX, 0, &auth_ms) < 0)
         return NULL;
     if (self->srv != NULL) {
@@ -172,8 +174,9 @@ static PyObject *server_start(ServerObject *self, PyObject *args, PyObject *kw)
         PyErr_Format(PyExc_ValueError, "port must be 0 (any free port) or 1..65535, got %d", port);
         return NULL;
     }
-    if (max_value < 0) {
-        PyErr_SetString(PyExc_ValueError, "max_value_size must be >= 0");
+    if (max_value < 0 || max_unauth < 0 || max_clients < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "max_value_size, max_unauth and max_clients must be >= 0 (0: the default)");
         return NULL;
     }
     fs_error_t err;
@@ -198,6 +201,8 @@ static PyObject *server_start(ServerObject *self, PyObject *args, PyObject *kw)
     o.unix_path = unix_path;
     o.max_value_size = (size_t)max_value;
     o.auth_timeout_ms = auth_ms > INT32_MAX ? INT32_MAX : (int)auth_ms; /* 0: the default */
+    o.max_unauth = max_unauth;
+    o.max_clients = max_clients;
     fs_store_server_t *s = NULL;
     int rc;
     PyThreadState *ts = PyEval_SaveThread();
@@ -275,12 +280,30 @@ static PyObject *server_get_num_clients(ServerObject *self, void *c)
     return PyLong_FromSize_t(fs_store_server_num_clients(self->srv));
 }
 
+static PyObject *server_stats(ServerObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->srv == NULL)
+        return server_not_running();
+    fs_store_server_stats_t st;
+    fs_store_server_stats(self->srv, &st);
+    return Py_BuildValue("{snsnsnsnsKsKsK}", "clients", (Py_ssize_t)st.clients, "unauth",
+                         (Py_ssize_t)st.unauth, "parked", (Py_ssize_t)st.parked, "out_bytes",
+                         (Py_ssize_t)st.out_bytes, "evicted", (unsigned long long)st.evicted,
+                         "shed", (unsigned long long)st.shed, "refused",
+                         (unsigned long long)st.refused);
+}
+
 static PyMethodDef server_methods[] = {
     {"start", (PyCFunction)(void (*)(void))server_start, METH_VARARGS | METH_KEYWORDS,
-     "start(host=None, port=0, token=None, unix_path=None, max_value_size=0, auth_timeout=None)"
-     " -> (host, port)\n\nStart the server thread. host None binds 127.0.0.1, '' every "
-     "address; port 0 picks a free one; token None makes a random one (see .token); "
-     "unix_path '@' also listens on an abstract Unix socket named for you."},
+     "start(host=None, port=0, token=None, unix_path=None, max_value_size=0, auth_timeout=None,"
+     " max_unauth=0, max_clients=0) -> (host, port)\n\nStart the server thread. host None "
+     "binds 127.0.0.1, '' every address; port 0 picks a free one; token None makes a random "
+     "one (see .token); unix_path '@' also listens on an abstract Unix socket named for you. "
+     "0 or None: the C defaults (fastspawn/store.h)."},
+    {"stats", (PyCFunction)server_stats, METH_NOARGS,
+     "stats() -> dict: clients, unauth, parked, out_bytes, evicted, shed, refused "
+     "(fs_store_server_stats)"},
     {"shutdown", (PyCFunction)server_shutdown, METH_NOARGS,
      "Stop the thread, close every connection. Idempotent."},
     {NULL, NULL, 0, NULL},

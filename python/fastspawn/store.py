@@ -275,7 +275,11 @@ class StoreServer:
 
     ``StoreServer()`` binds 127.0.0.1 on a free port with a fresh random
     token. ``host=""`` binds every address (for other machines); ``unix_path``
-    ``"@"`` also listens on an abstract Unix socket. Use as a context manager::
+    ``"@"`` also listens on an abstract Unix socket. Connections that have not
+    authenticated get ``auth_timeout`` seconds (default 5) and at most
+    ``max_unauth`` of them are kept (default 64; a new one closes the oldest);
+    ``max_clients`` bounds the authenticated ones (default: half the process's
+    RLIMIT_NOFILE). Use as a context manager::
 
         with StoreServer() as server:
             os.environ.update(server.env())
@@ -291,11 +295,14 @@ class StoreServer:
         unix_path: Optional[str] = None,
         max_value_size: Optional[int] = None,
         auth_timeout: float = 0.0,
+        max_unauth: Optional[int] = None,
+        max_clients: Optional[int] = None,
         start: bool = True,
     ) -> None:
         self._srv = _C.StoreServer()
         self._args = dict(host=host, port=port or 0, token=token, unix_path=unix_path,
-                          max_value_size=max_value_size or 0, auth_timeout=auth_timeout)
+                          max_value_size=max_value_size or 0, auth_timeout=auth_timeout,
+                          max_unauth=max_unauth or 0, max_clients=max_clients or 0)
         if start:
             self.start()
 
@@ -338,6 +345,13 @@ class StoreServer:
     @property
     def num_clients(self) -> int:
         return self._srv.num_clients
+
+    def stats(self) -> Dict[str, int]:
+        """What the server holds: ``clients`` (authenticated), ``unauth``, ``parked``
+        requests, ``out_bytes`` queued for clients, and the connections ``evicted``
+        (unauthenticated: the cap or the hello deadline), ``shed`` (no descriptor left)
+        and ``refused`` (at ``max_clients``) so far."""
+        return self._srv.stats()
 
     @property
     def addr(self) -> str:

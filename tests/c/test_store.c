@@ -4,18 +4,23 @@
  * Sleeps here are the delays under test (a late set, a late server), never a way to
  * wait for another thread or process: those are pipes and replies.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 
 #include "fastspawn.h"
 #include "fs_test.h"
 #include "store_proto.h"
+#include "store_server.h" /* the output and parked limits */
 
 #define TOKEN "test-token-0123456789"
 
@@ -1072,6 +1077,471 @@ FS_TEST(test_connect_storm)
     free(v);
     for (int i = 0; i < N; i++)
         fs_store_close(st[i].c);
+    fs_store_server_stop(s);
+}
+
+/* ---- hostile and careless clients (issue 8, findings 3 and 4) ---------------------- */
+
+/* Open descriptors of this process (/proc/self/fd), or -1 when none is left to look. */
+static int count_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (d == NULL)
+        return -1;
+    int n = -1; /* the directory's own fd */
+    while (readdir(d) != NULL)
+        n++;
+    closedir(d);
+    return n - 2; /* "." and ".." */
+}
+
+/* VmRSS of this process in bytes. */
+static long long vm_rss(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long long kb = -1;
+    while (f != NULL && fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "VmRSS: %lld kB", &kb) == 1)
+            break;
+    if (f != NULL)
+        fclose(f);
+    return kb * 1024;
+}
+
+static int tcp_connect_nb(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t)port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/*
+ * The attacker: n idle connections that never say HELLO, each reopened as soon as the
+ * server closes it, until stop_fd reads EOF. Writes one byte to ready_fd once all are open.
+ */
+static void flood_child(int port, int n, int ready_fd, int stop_fd)
+{
+    struct pollfd *p = calloc((size_t)n + 1, sizeof *p);
+    if (p == NULL)
+        _exit(2);
+    p[0] = (struct pollfd){.fd = stop_fd, .events = POLLIN};
+    for (int i = 1; i <= n; i++)
+        p[i] = (struct pollfd){.fd = tcp_connect_nb(port), .events = POLLIN};
+    if (write(ready_fd, "r", 1) != 1)
+        _exit(2);
+    for (;;) {
+        if (poll(p, (nfds_t)n + 1, 1000) < 0 && errno != EINTR)
+            _exit(2);
+        if (p[0].revents)
+            _exit(0);
+        for (int i = 1; i <= n; i++) {
+            char b[64];
+            if (p[i].fd >= 0 && p[i].revents == 0)
+                continue;
+            if (p[i].fd >= 0 && recv(p[i].fd, b, sizeof b, MSG_DONTWAIT) > 0)
+                continue;
+            close(p[i].fd);
+            p[i].fd = tcp_connect_nb(port);
+        }
+    }
+}
+
+enum { FLOOD_PROCS = 3, FLOOD_EACH = 734 }; /* 2202 connections, each process < 1024 fds */
+
+FS_TEST(test_unauth_flood_keeps_ranks_in)
+{
+    fs_store_server_opts_t o = {0};
+    fs_error_t err;
+    fs_store_server_t *s = NULL;
+    o.token = TOKEN; /* every other option at its default */
+    FS_CHECK_OK(fs_store_server_start(&o, &s, &err), &err);
+    int ready[2], stop[2];
+    FS_CHECK(pipe(ready) == 0 && pipe(stop) == 0);
+    int fds_before = count_fds();
+    pid_t kids[FLOOD_PROCS];
+    for (int i = 0; i < FLOOD_PROCS; i++) {
+        kids[i] = fork();
+        if (kids[i] == 0) {
+            close(stop[1]);
+            flood_child(fs_store_server_port(s), FLOOD_EACH, ready[1], stop[0]);
+        }
+    }
+    close(stop[0]);
+    /* The launcher, as most machines start it: 1024 descriptors. */
+    struct rlimit rl, low;
+    FS_CHECK(getrlimit(RLIMIT_NOFILE, &rl) == 0);
+    low = rl;
+    low.rlim_cur = rl.rlim_cur < 1024 ? rl.rlim_cur : 1024;
+    FS_CHECK(setrlimit(RLIMIT_NOFILE, &low) == 0);
+    char ch;
+    for (int i = 0; i < FLOOD_PROCS; i++)
+        FS_CHECK(read(ready[0], &ch, 1) == 1);
+    int fds_flooded = count_fds();
+    /* A rank with the token gets in at once, and its calls work. */
+    int rc;
+    int64_t t0 = fs_now_ms();
+    fs_store_client_t *c = connect_to(s, TOKEN, &rc, &err);
+    char buf[16] = "";
+    if (rc == FS_OK && (rc = fs_store_set(c, "k", "v", 1, 2000, &err)) == FS_OK)
+        rc = get_str(c, "k", buf, sizeof buf, 2000, &err);
+    int64_t waited = fs_now_ms() - t0;
+    printf("  fds: %d before, %d flooded; the good client: %s after %lld ms\n", fds_before,
+           fds_flooded, rc == FS_OK ? "ok" : err.msg, (long long)waited);
+    FS_CHECK_OK(rc, &err);
+    FS_CHECK(strcmp(buf, "v") == 0);
+    FS_CHECK(waited < 3000);
+    /* Bounded: the unauthenticated cap (64 by default) and a few of the server's own. */
+    FS_CHECK(fds_flooded >= 0 && fds_flooded - fds_before <= FS_STORE_DEFAULT_MAX_UNAUTH + 8);
+    fs_store_server_stats_t st;
+    fs_store_server_stats(s, &st);
+    FS_CHECK_EQ(st.clients, 1);
+    FS_CHECK(st.unauth <= FS_STORE_DEFAULT_MAX_UNAUTH);
+    FS_CHECK(st.evicted >= FLOOD_PROCS * FLOOD_EACH - FS_STORE_DEFAULT_MAX_UNAUTH);
+    fs_store_close(c);
+    close(stop[1]);
+    for (int i = 0; i < FLOOD_PROCS; i++)
+        FS_CHECK(waitpid(kids[i], NULL, 0) == kids[i]);
+    FS_CHECK_OK(fs_store_server_check(s, &err), &err);
+    fs_store_server_stop(s);
+    FS_CHECK(setrlimit(RLIMIT_NOFILE, &rl) == 0);
+}
+
+/* Connect, wait for the server to close (or 200 ms), pause 20 ms, again, until stop_fd
+   reads EOF: a connection is always pending, at a rate that costs a server shedding it
+   next to nothing (unlike one that spins). */
+static void reconnect_child(int port, int stop_fd)
+{
+    for (;;) {
+        struct pollfd p[2] = {{.fd = stop_fd, .events = POLLIN}, {.fd = -1, .events = POLLIN}};
+        p[1].fd = tcp_connect_nb(port);
+        if (poll(p, 2, 200) < 0 && errno != EINTR)
+            _exit(2);
+        if (p[0].revents)
+            _exit(0);
+        close(p[1].fd);
+        sleep_ms(20);
+    }
+}
+
+/* Takes the first descriptor that frees up (the server's reserve, when it lets it go). */
+struct grabber {
+    atomic_int stop;
+    int fd;
+};
+
+static void *grab_main(void *arg)
+{
+    struct grabber *g = arg;
+    while (!atomic_load(&g->stop) && (g->fd = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) {
+    }
+    return NULL;
+}
+
+static int64_t cpu_ms(void)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) < 0)
+        return -1;
+    return (int64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000 +
+           (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1000;
+}
+
+FS_TEST(test_accept_out_of_fds_does_not_spin)
+{
+    fs_store_server_t *s = start_server(0, NULL);
+    int stop[2];
+    FS_CHECK(pipe(stop) == 0);
+    pid_t kid = fork();
+    if (kid == 0) {
+        close(stop[1]);
+        reconnect_child(fs_store_server_port(s), stop[0]);
+    }
+    close(stop[0]);
+    /* Every descriptor of the process taken (a leak elsewhere in the launcher). */
+    struct rlimit rl, low;
+    FS_CHECK(getrlimit(RLIMIT_NOFILE, &rl) == 0);
+    low = rl;
+    low.rlim_cur = 256;
+    FS_CHECK(setrlimit(RLIMIT_NOFILE, &low) == 0);
+    static int fill[256];
+    int nfill = 0;
+    while (nfill < 256 && (fill[nfill] = open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0)
+        nfill++;
+    FS_CHECK_EQ(errno, EMFILE);
+    /* Another thread races the server for any descriptor it frees: now and then it wins
+       the server's reserve, which the server must survive without spinning. */
+    struct grabber g = {0, -1};
+    pthread_t th;
+    pthread_create(&th, NULL, grab_main, &g);
+    int64_t t0 = fs_now_ms();
+    while (g.fd < 0 && fs_now_ms() - t0 < 3000)
+        sleep_ms(10);
+    atomic_store(&g.stop, 1);
+    pthread_join(th, NULL);
+    int64_t c0 = cpu_ms();
+    sleep_ms(1000);
+    int64_t used = cpu_ms() - c0;
+    printf("  %s; the server used %lld ms of CPU in 1 s at the fd limit\n",
+           g.fd >= 0 ? "another thread took a descriptor the server freed" : "none freed",
+           (long long)used);
+    FS_CHECK(used >= 0 && used < 300);
+    /* Descriptors come back: the server accepts again. */
+    for (int i = 0; i < nfill; i++)
+        close(fill[i]);
+    close(g.fd);
+    fs_error_t err;
+    int rc;
+    t0 = fs_now_ms();
+    fs_store_client_t *c = connect_to(s, TOKEN, &rc, &err);
+    FS_CHECK_OK(rc, &err);
+    FS_CHECK(fs_now_ms() - t0 < 2000);
+    if (c != NULL)
+        FS_CHECK_OK(fs_store_set(c, "k", "v", 1, 1000, &err), &err);
+    fs_store_close(c);
+    close(stop[1]);
+    FS_CHECK(waitpid(kid, NULL, 0) == kid);
+    FS_CHECK_OK(fs_store_server_check(s, &err), &err);
+    fs_store_server_stop(s);
+    FS_CHECK(setrlimit(RLIMIT_NOFILE, &rl) == 0);
+}
+
+/* Read frames from fd until n replies with ids first..first+n-1 came; 1 when they all did. */
+static int read_replies(int fd, uint32_t first, int n, size_t vlen)
+{
+    static uint8_t seen[64];
+    memset(seen, 0, sizeof seen);
+    struct timeval tv = {10, 0};
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0)
+        return 0;
+    size_t frame_len = FS__STORE_HDR + 4 + vlen;
+    uint8_t *buf = malloc(frame_len);
+    int got = 0;
+    while (buf != NULL && got < n) {
+        size_t have = 0;
+        while (have < frame_len) {
+            ssize_t r = recv(fd, buf + have, frame_len - have, 0);
+            if (r <= 0)
+                goto out;
+            have += (size_t)r;
+        }
+        uint32_t id = fs__store_get_u32(buf + 4);
+        if (id < first || id >= first + (uint32_t)n || seen[id - first] || buf[8] != 0)
+            goto out;
+        seen[id - first] = 1;
+        got++;
+    }
+out:
+    free(buf);
+    return got == n;
+}
+
+FS_TEST(test_parked_answers_obey_the_output_limit)
+{
+    enum { PARKED = 40 };
+    const size_t vlen = (size_t)16 << 20;
+    fs_store_server_t *s = start_server(0, NULL);
+    int fd = raw_connect(s);
+    raw_hello(fd);
+    fs__store_buf_t b = {0};
+    const char *key[1] = {"big"};
+    for (int i = 0; i < PARKED; i++) {
+        frame(&b, 2 + (uint32_t)i, FS__OP_GET, 1, key);
+        raw_send(fd, b.p, b.len);
+    }
+    /* Handled in order: once num_keys is answered, the gets are parked. */
+    frame(&b, 100, FS__OP_NUM_KEYS, 0, key);
+    raw_send(fd, b.p, b.len);
+    uint8_t reply[FS__STORE_HDR + 12];
+    FS_CHECK(recv(fd, reply, sizeof reply, MSG_WAITALL) == FS__STORE_HDR + 12);
+    FS_CHECK_EQ(fs__store_get_u32(reply + 4), 100);
+    fs__store_buf_free(&b);
+    uint8_t *big = malloc(vlen);
+    memset(big, 7, vlen);
+    long long rss0 = vm_rss();
+    fs_store_client_t *c = client(s);
+    fs_error_t err;
+    FS_CHECK_OK(fs_store_set(c, "big", big, vlen, 10000, &err), &err); /* wakes them first */
+    long long grew = vm_rss() - rss0;
+    printf("  40 parked gets of a 16 MiB value: RSS grew by %lld MiB\n", grew >> 20);
+    FS_CHECK(grew < (100ll << 20));
+    /* The limit, plus the one reply that crossed it; the rest wait without a copy. */
+    fs_store_server_stats_t st;
+    fs_store_server_stats(s, &st);
+    FS_CHECK(st.out_bytes <= FS__STORE_WBUF_HIGH + vlen + 64);
+    FS_CHECK(st.parked >= PARKED - 2);
+    /* Every answer still comes, as the client reads. */
+    FS_CHECK(read_replies(fd, 2, PARKED, vlen));
+    int64_t t0 = fs_now_ms(); /* the server counts the last send after it returned */
+    do
+        fs_store_server_stats(s, &st);
+    while (st.out_bytes != 0 && fs_now_ms() - t0 < 2000);
+    FS_CHECK_EQ(st.parked, 0);
+    FS_CHECK_EQ(st.out_bytes, 0);
+    close(fd);
+    /* A client that leaves with answers queued frees them. */
+    fd = raw_connect(s);
+    raw_hello(fd);
+    for (int i = 0; i < PARKED; i++) {
+        frame(&b, 2 + (uint32_t)i, FS__OP_GET, 1, (const char *[]){"big2"});
+        raw_send(fd, b.p, b.len);
+    }
+    frame(&b, 100, FS__OP_NUM_KEYS, 0, key);
+    raw_send(fd, b.p, b.len);
+    FS_CHECK(recv(fd, reply, sizeof reply, MSG_WAITALL) == FS__STORE_HDR + 12);
+    fs__store_buf_free(&b);
+    FS_CHECK_OK(fs_store_set(c, "big2", big, vlen, 10000, &err), &err);
+    close(fd);
+    t0 = fs_now_ms();
+    while (fs_store_server_num_clients(s) != 1 && fs_now_ms() - t0 < 2000)
+        sleep_ms(10);
+    fs_store_server_stats(s, &st);
+    FS_CHECK_EQ(st.parked, 0);
+    FS_CHECK_EQ(st.out_bytes, 0);
+    fs_store_close(c);
+    free(big);
+    fs_store_server_stop(s);
+}
+
+/* 1 when the server has closed fd within ms (EOF or reset), 0 when it is still open. */
+static int closed_within(int fd, int ms)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    if (poll(&p, 1, ms) <= 0)
+        return 0;
+    char b[64];
+    return recv(fd, b, sizeof b, MSG_DONTWAIT) <= 0;
+}
+
+static fs_store_server_t *start_limited(int max_unauth, int max_clients)
+{
+    fs_store_server_opts_t o = {0};
+    fs_error_t err;
+    fs_store_server_t *s = NULL;
+    o.token = TOKEN;
+    o.auth_timeout_ms = 10000;
+    o.max_unauth = max_unauth;
+    o.max_clients = max_clients;
+    if (fs_store_server_start(&o, &s, &err) != FS_OK) {
+        fprintf(stderr, "  server start failed: %s\n", err.msg);
+        exit(1);
+    }
+    return s;
+}
+
+FS_TEST(test_unauth_cap_closes_the_oldest)
+{
+    fs_store_server_t *s = start_limited(4, 0);
+    int fds[5];
+    fs_store_server_stats_t st = {0};
+    for (int i = 0; i < 5; i++) {
+        fds[i] = raw_connect(s);
+        int64_t t0 = fs_now_ms(); /* accepted in order: wait for each */
+        do
+            fs_store_server_stats(s, &st);
+        while (st.unauth + st.evicted < (size_t)i + 1 && fs_now_ms() - t0 < 2000);
+    }
+    FS_CHECK(closed_within(fds[0], 2000));
+    for (int i = 1; i < 5; i++)
+        FS_CHECK(!closed_within(fds[i], 50));
+    fs_store_server_stats(s, &st);
+    FS_CHECK_EQ(st.unauth, 4);
+    FS_CHECK_EQ(st.evicted, 1);
+    /* The survivors may still authenticate, and a client gets in (closing the next oldest). */
+    raw_hello(fds[4]);
+    fs_store_client_t *c = client(s);
+    fs_error_t err;
+    FS_CHECK_OK(fs_store_set(c, "k", "v", 1, 1000, &err), &err);
+    fs_store_server_stats(s, &st);
+    FS_CHECK_EQ(st.clients, 2);
+    FS_CHECK(st.unauth <= 3);
+    fs_store_close(c);
+    for (int i = 0; i < 5; i++)
+        close(fds[i]);
+    /* Bad values. */
+    fs_store_server_opts_t o = {0};
+    fs_store_server_t *bad = NULL;
+    o.token = TOKEN;
+    o.max_unauth = -1;
+    FS_CHECK_EQ(fs_store_server_start(&o, &bad, &err), FS_EINVAL);
+    fs_store_server_stop(s);
+}
+
+FS_TEST(test_max_clients_refuses_hello_beyond)
+{
+    fs_store_server_t *s = start_limited(0, 2);
+    fs_store_client_t *a = client(s), *b = client(s), *c = NULL;
+    fs_error_t err;
+    int rc;
+    int64_t t0 = fs_now_ms();
+    c = connect_to(s, TOKEN, &rc, &err);
+    FS_CHECK_EQ(rc, FS_ETOOBIG); /* at once, not after the connect timeout */
+    FS_CHECK(fs_now_ms() - t0 < 1000);
+    FS_CHECK(strstr(err.msg, "max_clients") != NULL);
+    fs_store_server_stats_t st;
+    fs_store_server_stats(s, &st);
+    FS_CHECK_EQ(st.clients, 2);
+    FS_CHECK_EQ(st.refused, 1);
+    fs_store_close(a);
+    t0 = fs_now_ms();
+    while (fs_store_server_num_clients(s) != 1 && fs_now_ms() - t0 < 2000)
+        sleep_ms(10);
+    c = client(s);
+    FS_CHECK_OK(fs_store_set(c, "k", "v", 1, 1000, &err), &err);
+    fs_store_close(b);
+    fs_store_close(c);
+    fs_store_server_stop(s);
+}
+
+/* Waits on FS_STORE_MAX_KEYS long missing keys: each parks ~3.9 MiB of key bytes. */
+FS_TEST(test_parked_bytes_per_connection_are_bounded)
+{
+    fs_store_server_t *s = start_server(0, NULL);
+    int fd = raw_connect(s);
+    raw_hello(fd);
+    static char keys[FS_STORE_MAX_KEYS][4001];
+    static const char *ptrs[FS_STORE_MAX_KEYS];
+    for (size_t i = 0; i < FS_STORE_MAX_KEYS; i++) {
+        memset(keys[i], 'k', 4000);
+        for (size_t j = 0; j < 4; j++) /* distinct keys, in letters: no NUL in them */
+            keys[i][j] = (char)('a' + ((i >> (4 * j)) & 15));
+        ptrs[i] = keys[i];
+    }
+    fs__store_buf_t b = {0};
+    enum { WAITS = 4, FIT = 2 }; /* 2 x 3.9 MiB fit in FS__STORE_PARKED_MAX (8 MiB) */
+    for (int i = 0; i < WAITS; i++) {
+        frame(&b, 2 + (uint32_t)i, FS__OP_WAIT, (int)FS_STORE_MAX_KEYS, ptrs);
+        raw_send(fd, b.p, b.len);
+    }
+    frame(&b, 100, FS__OP_NUM_KEYS, 0, ptrs);
+    raw_send(fd, b.p, b.len);
+    fs__store_buf_free(&b);
+    /* Those beyond the limit are refused, the connection kept: num_keys is answered. */
+    uint8_t reply[FS__STORE_HDR + 4 + FS_ERRMSG_LEN];
+    int refused = 0;
+    for (;;) {
+        FS_CHECK_EQ(recv(fd, reply, FS__STORE_HDR, MSG_WAITALL), FS__STORE_HDR);
+        size_t rest = fs__store_get_u32(reply) + 4 - FS__STORE_HDR;
+        FS_CHECK(rest <= sizeof reply - FS__STORE_HDR);
+        if (rest > sizeof reply - FS__STORE_HDR ||
+            recv(fd, reply + FS__STORE_HDR, rest, MSG_WAITALL) != (ssize_t)rest)
+            break;
+        if (fs__store_get_u32(reply + 4) == 100)
+            break;
+        refused += (int8_t)reply[8] == FS_ETOOBIG;
+    }
+    FS_CHECK_EQ(refused, WAITS - FIT);
+    fs_store_server_stats_t st;
+    fs_store_server_stats(s, &st);
+    FS_CHECK_EQ(st.parked, FIT);
+    close(fd);
     fs_store_server_stop(s);
 }
 

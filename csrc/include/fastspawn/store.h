@@ -27,7 +27,13 @@ extern "C" {
 /* Defaults for the options below that are left 0. */
 #define FS_STORE_DEFAULT_CALL_TIMEOUT_MS 300000   /* a client's per-call timeout: 5 min */
 #define FS_STORE_DEFAULT_CONNECT_TIMEOUT_MS 60000 /* connecting, with retries: 60 s */
-#define FS_STORE_DEFAULT_AUTH_TIMEOUT_MS 30000    /* the server waits for HELLO: 30 s */
+/* The server waits this long for a connection's HELLO: our client sends it as soon as it
+   is connected, and retries a connection the server dropped. */
+#define FS_STORE_DEFAULT_AUTH_TIMEOUT_MS 5000
+#define FS_STORE_DEFAULT_MAX_UNAUTH 64 /* connections not authenticated yet, held at once */
+/* Authenticated connections held at once: half of RLIMIT_NOFILE's soft limit when the
+   server starts (the launcher keeps the other half), and at most this. */
+#define FS_STORE_DEFAULT_MAX_CLIENTS 65536
 
 typedef struct fs_store_server fs_store_server_t;
 
@@ -38,9 +44,30 @@ typedef struct fs_store_server_opts {
     const char *unix_path; /* also listen on a Unix socket: "@name" (abstract), "@" (abstract,
                               named for you) or a path; NULL: TCP only */
     size_t max_value_size; /* 0: FS_STORE_DEFAULT_MAX_VALUE */
-    int auth_timeout_ms;   /* close a connection silent this long before authenticating; 0:
-                              FS_STORE_DEFAULT_AUTH_TIMEOUT_MS */
+    int auth_timeout_ms;   /* close a connection that has not authenticated this long after
+                              it was accepted; 0: FS_STORE_DEFAULT_AUTH_TIMEOUT_MS */
+    int max_unauth;        /* connections not authenticated yet: at this many, a new one
+                              closes the oldest; 0: FS_STORE_DEFAULT_MAX_UNAUTH */
+    int max_clients;       /* authenticated connections: at this many, a HELLO is refused
+                              (FS_ETOOBIG); 0: see FS_STORE_DEFAULT_MAX_CLIENTS */
 } fs_store_server_opts_t;
+
+/*
+ * What the server holds, for monitoring and tests. The server's descriptors are at most
+ * 5 (listeners, epoll, eventfd, a reserve) + max_unauth + max_clients. Queued reply bytes
+ * per connection stay under an 8 MiB output limit plus one reply: a client over it is
+ * not read from, and requests parked for it that wake wait (values not copied) until it
+ * reads.
+ */
+typedef struct fs_store_server_stats {
+    size_t clients;   /* authenticated connections */
+    size_t unauth;    /* connections that have not authenticated yet */
+    size_t parked;    /* get / wait / multi_get requests waiting for keys or for room */
+    size_t out_bytes; /* reply bytes queued in the server, not yet taken by the kernel */
+    uint64_t evicted; /* unauthenticated connections closed: the cap, or the hello deadline */
+    uint64_t shed;    /* connections closed as they were accepted: no descriptor left */
+    uint64_t refused; /* HELLOs refused at max_clients */
+} fs_store_server_stats_t;
 
 /*
  * Start the server thread. Keys live as long as the server. A process forked
@@ -58,6 +85,8 @@ int fs_store_server_port(const fs_store_server_t *s);
 const char *fs_store_server_unix_path(const fs_store_server_t *s);
 /* Connections now open (authenticated or not). */
 size_t fs_store_server_num_clients(const fs_store_server_t *s);
+/* A snapshot of the counters above; thread-safe. */
+void fs_store_server_stats(const fs_store_server_t *s, fs_store_server_stats_t *out);
 /* FS_OK while the server thread runs; else the error that stopped it. */
 int fs_store_server_check(const fs_store_server_t *s, fs_error_t *err);
 /* FS_STORE_TOKEN_LEN hex characters from getrandom() + NUL into out (cap >= 65). */
