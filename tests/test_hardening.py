@@ -273,3 +273,20 @@ def test_parked_answers_obey_the_output_limit():
         sock.settimeout(30)
         assert sorted(recv_frame(sock) for _ in range(40)) == [(2 + i, 0) for i in range(40)]
         sock.close()
+
+
+def test_low_open_file_limit_is_raised_for_many_ranks():
+    # 200 ranks need more than a 256-fd soft limit (pidfds, report pipes, ...):
+    # the launcher raises the soft limit towards the hard one instead of failing.
+    code = """
+import resource, fastspawn
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+def f(i):
+    return i
+print(fastspawn.spawn(f, nprocs=200, start_method="fork") == list(range(200)),
+      resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 256)
+"""
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "True"]

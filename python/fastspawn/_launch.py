@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
 import os
+import resource
 import signal
 import sys
 import threading
@@ -664,6 +665,33 @@ class StartOptions(TypedDict, total=False):
     rdzv_timeout: float | None
 
 
+#: Launcher fds per local rank (pidfd, report pipe, zygote status share, guardian
+#: registration) and per store client, with room for the store's own and Python's.
+_FDS_PER_RANK = 4
+_FDS_PER_STORE_CLIENT = 2
+_FDS_BASE = 128
+
+
+def _make_fd_room(nprocs: int, placement: _rendezvous.Placement) -> None:
+    """Raise the soft open-file limit towards the hard one when the job needs more.
+
+    The usual soft limit (1024) fits about 250 local ranks, and node 0's store of a
+    large multi-node job holds a connection per rank of every node; the store sizes
+    its client cap from the limit it finds. Never lowers it; fails quietly.
+    """
+    need = _FDS_BASE + _FDS_PER_RANK * nprocs
+    if placement.node_rank == 0:
+        need += _FDS_PER_STORE_CLIENT * nprocs * placement.nnodes
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (ValueError, OSError):
+                pass
+
+
 # join=True (the default) returns the results, join=False the ProcessContext.
 @overload
 def start_processes(fn: Callable[..., Any], args: Sequence[Any] = ..., nprocs: int = ...,
@@ -709,6 +737,7 @@ def start_processes(fn: Callable[..., Any], args: Sequence[Any] = (), nprocs: in
     _check_seconds(rdzv_timeout, "rdzv_timeout")
     method = _resolve_start_method(start_method)
     placement = _rendezvous.detect_placement(nnodes, node_rank, master_addr, master_port)
+    _make_fd_room(nprocs, placement)
     rdzv = _rendezvous.Rendezvous(nprocs, placement, store_token, rdzv_timeout)
     envs = [rdzv.rank_environment(i) for i in range(nprocs)]
     try:
