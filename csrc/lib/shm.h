@@ -2,12 +2,12 @@
  * shm.h - internal to shm.c, coll_cpu.c and comm.c: the shared segment's layout, one
  * rank's view of it (fs__shm_t) and the step/wait primitives the collectives are built
  * on. Not part of the public API (see fastspawn/comm.h). The layers, bottom up:
- * shm_seg.c (the file behind the segment: create, handle, open and check) <-
+ * shm_seg.c (the file behind the segment: create, reserve, handle, open and check) <-
  * shm.c (layout, join, steps, abort word) <- coll_cpu.c (algorithms) <- comm.c (the
  * communicator, its worker thread and queue, the public entry points).
  *
  * The segment file. Rank 0 makes it (a memfd by default, else a /dev/shm name), sizes
- * it, maps it, writes the header with a random cookie and only then hands
+ * and reserves it, maps it, writes the header with a random cookie and only then hands
  * out its handle, so a peer finds a complete header or nothing. A peer maps the file
  * the handle names and compares the cookie before it reads or writes anything else.
  *
@@ -106,7 +106,7 @@ struct fs__seg_size {
 };
 
 /* Rank 0: a new segment file of sz->total bytes of kind FS_SHM_* (AUTO: $FASTSPAWN_SHM, else a
-   memfd, named where memfd_create is refused), sized and mapped; seg->fd stays open, handle
+   memfd, named where memfd_create is refused), reserved and mapped; seg->fd stays open, handle
    and cookie are filled. The caller writes the header, then publishes the handle. */
 int fs__seg_create(struct fs__seg *seg, int kind, const struct fs__seg_size *sz, fs_error_t *err);
 /* Other ranks: parse handle, open the file it names, check that it is a segment file (memfd:

@@ -1,6 +1,6 @@
 /*
  * shm_seg.c - the file behind a communicator's segment: rank 0 makes it (a memfd, or a
- * name in /dev/shm), sizes it and maps it; the handle that tells the
+ * name in /dev/shm), sizes it, reserves its memory and maps it; the handle that tells the
  * other ranks where it is; a peer's open, which checks the file before mapping it; and
  * the end of set-up: rank 0's fd closed, the name unlinked. The header inside (and its
  * cookie) is shm.c's.
@@ -9,6 +9,11 @@
  * /proc/<pid>/fd/<fd> of rank 0, which the kernel lets a process of the same user open
  * (ptrace READ access; Yama restricts only ATTACH) while rank 0 holds that fd; the
  * memory then lives exactly as long as some mapping of it, whoever dies when.
+ *
+ * Why reserve: a tmpfs page is allocated when first touched, and when /dev/shm (Docker:
+ * 64 MB) or the memory cgroup is full by then, the touching rank dies by SIGBUS in the
+ * middle of a collective. posix_fallocate allocates every page at set-up, where running
+ * out is an error that says what to do.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -18,6 +23,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -30,6 +36,11 @@
 /* Fixed size: no rank, nor anyone else, can shrink the file under the mappings (SIGBUS). */
 #define SIZE_SEALS (F_SEAL_SHRINK | F_SEAL_GROW)
 #define SHM_ENV "FASTSPAWN_SHM"
+
+static double mib(size_t bytes)
+{
+    return (double)bytes / (1024.0 * 1024.0);
+}
 
 /* ------------------------------------------------------------------ */
 /* The handle                                                         */
@@ -194,10 +205,55 @@ static int new_file(struct fs__seg *seg, int may_fall_back, fs_error_t *err)
     return new_named(seg, err);
 }
 
+/* posix_fallocate failed with ENOSPC / ENOMEM: what was needed, where from, what to do. */
+static int no_room(const struct fs__seg *seg, const struct fs__seg_size *sz, int e, fs_error_t *err)
+{
+    char why[128], room[80] = "";
+    const char *text = strerror_r(e, why, sizeof why); /* GNU: the string to use */
+    struct statvfs v;
+    if (seg->kind == FS_SHM_MEMFD)
+        return fs_error_set(
+            err, FS_ENOMEM,
+            "cannot reserve %.1f MiB of shared memory for %d ranks (%.1f MiB slot each): %s. "
+            "The segment is a memfd, RAM charged to this process's memory cgroup (the "
+            "container's memory limit): free memory or raise the limit, use a smaller segment "
+            "(FASTSPAWN_SLOT_BYTES or the slot_bytes option) or fewer ranks",
+            mib(sz->total), sz->world, mib(sz->slot_bytes), text);
+    if (statvfs("/dev/shm", &v) == 0)
+        snprintf(room, sizeof room, " (%.1f MiB free of %.1f MiB)",
+                 mib((size_t)v.f_bavail * v.f_frsize), mib((size_t)v.f_blocks * v.f_frsize));
+    return fs_error_set(
+        err, FS_ENOMEM,
+        "cannot reserve %.1f MiB of shared memory for %d ranks (%.1f MiB slot each) in "
+        "/dev/shm%s: %s. Give /dev/shm more room (Docker: --shm-size=1g), use a smaller "
+        "segment (FASTSPAWN_SLOT_BYTES or the slot_bytes option) or fewer ranks, or unset " SHM_ENV
+        "=named (a memfd does not use /dev/shm)",
+        mib(sz->total), sz->world, mib(sz->slot_bytes), room, text);
+}
+
+/* Allocate every page now (see the top of the file). */
+static int reserve(struct fs__seg *seg, const struct fs__seg_size *sz, fs_error_t *err)
+{
+    int rc;
+    do /* returns the error number, errno untouched; a signal interrupts a large one */
+        rc = posix_fallocate(seg->fd, 0, (off_t)sz->total);
+    while (rc == EINTR);
+    if (rc == ENOSPC || rc == ENOMEM)
+        return no_room(seg, sz, rc, err);
+    if (rc != 0) {
+        errno = rc;
+        return fs_error_sys(err, "posix_fallocate(%s, %zu bytes)", seg->name, sz->total);
+    }
+    return FS_OK;
+}
+
 static int size_and_map(struct fs__seg *seg, const struct fs__seg_size *sz, fs_error_t *err)
 {
     if (ftruncate(seg->fd, (off_t)sz->total) < 0)
         return fs_error_sys(err, "ftruncate(%s, %zu)", seg->name, sz->total);
+    int rc = reserve(seg, sz, err);
+    if (rc != FS_OK)
+        return rc;
     if (seg->kind == FS_SHM_MEMFD && fcntl(seg->fd, F_ADD_SEALS, SIZE_SEALS | F_SEAL_SEAL) < 0)
         return fs_error_sys(err, "fcntl(%s, F_ADD_SEALS)", seg->name);
     void *base = mmap(NULL, sz->total, PROT_READ | PROT_WRITE, MAP_SHARED, seg->fd, 0);

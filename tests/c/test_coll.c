@@ -12,11 +12,13 @@
 #include <linux/seccomp.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -1506,6 +1508,37 @@ FS_TEST(comm_named_fallback_where_memfd_create_is_refused)
     FS_CHECK(c == NULL && strstr(err.msg, "memfd_create") != NULL &&
              strstr(err.msg, "FASTSPAWN_SHM=named") != NULL);
     printf("  %s\n", err.msg);
+}
+
+/* A 1 MiB /dev/shm of this test process's own (Docker's is 64 MB): 0, or -1 where that
+   takes more than this process may (root, mount namespaces). */
+static int small_dev_shm(void)
+{
+    if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
+        return -1;
+    return mount("tmpfs", "/dev/shm", "tmpfs", 0, "size=1m");
+}
+
+FS_TEST(comm_reserves_its_memory_so_a_full_dev_shm_is_an_error_not_sigbus)
+{
+    if (small_dev_shm() != 0) {
+        printf("  (needs root and a mount namespace: skipped)\n");
+        return;
+    }
+    static struct shm_list empty;
+    fs_error_t err;
+    fs_comm_opts_t o;
+    kind_opts(&o, FS_SHM_NAMED, 0);
+    o.slot_bytes = 4 << 20;
+    fs_comm_t *c = NULL;
+    FS_CHECK_EQ(fs_comm_create(2, &o, &c, &err), FS_ENOMEM);
+    printf("  %s\n", err.msg);
+    FS_CHECK(c == NULL && strstr(err.msg, "8.0 MiB") != NULL && strstr(err.msg, "/dev/shm") &&
+             strstr(err.msg, "--shm-size") != NULL && strstr(err.msg, "FASTSPAWN_SLOT_BYTES"));
+    FS_CHECK_EQ(shm_new_entries(&empty), 0);
+    o.shm = FS_SHM_MEMFD; /* not /dev/shm's memory */
+    FS_CHECK_OK(fs_comm_create(2, &o, &c, &err), &err);
+    fs_comm_destroy(c);
 }
 
 static int nothing_rank(fs_comm_t *c, int me, int N, void *arg)

@@ -28,8 +28,9 @@ extern "C" {
  * The handle is an opaque string (shorter than FS_COMM_HANDLE_MAX) that is only
  * meaningful on this machine until every rank joined. By default the segment has
  * no name anywhere (a memfd, opened by the peers through rank 0's /proc entry),
- * so nothing can be left behind, whoever dies when (see fs_comm_opts_t.shm for the
- * named fallback).
+ * so nothing can be left behind, whoever dies when; its memory is reserved at
+ * creation, so a full /dev/shm or memory cgroup is an error there, never a SIGBUS
+ * later (see fs_comm_opts_t.shm for the named fallback).
  *
  * Every collective is run by every rank in the same order with matching
  * arguments; a mismatch (kind, dtype, op, count, root) is FS_EMISMATCH on every
@@ -133,7 +134,8 @@ typedef struct fs_comm fs_comm_t;
 #define FS_COMM_HANDLE_MAX 128
 
 /*
- * Rank 0: create the segment for world_size ranks (sized by opts), count rank 0 as
+ * Rank 0: create the segment for world_size ranks (sized by opts, its memory
+ * reserved: FS_ENOMEM, with what to do, when there is not enough), count rank 0 as
  * joined and return without waiting. Pass fs_comm_handle(*out) to the other ranks,
  * then call fs_comm_join. opts may be NULL (defaults).
  */
