@@ -124,7 +124,7 @@ void fs__seg_release(struct fs__seg *seg, int forked);
 typedef struct fs__shm {
     int rank, world;
     struct fs__seg seg;
-    /* Set by the caller before fs__shm_attach (rank 0's slot_bytes and oneshot_max then
+    /* Set by the caller before fs__shm_create / _open (rank 0's slot_bytes and oneshot_max then
        win on every rank, from the segment's header). */
     size_t slot_bytes, buf_bytes, oneshot_max;
     int64_t spin_ns, yield_ns, liveness_ms, connect_timeout_ms;
