@@ -88,11 +88,8 @@ static struct PyModuleDef fs_module = {
 
 /* Every binding file's init function (declared in fs_py.h), in order. */
 static int (*const init_functions[])(PyObject *) = {
-    fs_py_init_supervise,
-    fs_py_init_store,
-    fs_py_init_store_client,
-    fs_py_init_coll,
-    fs_py_init_nccl,
+    fs_py_init_supervise, fs_py_init_store, fs_py_init_store_client,
+    fs_py_init_coll,      fs_py_init_nccl,
 };
 
 PyMODINIT_FUNC PyInit__C(void)

@@ -197,7 +197,8 @@ static PyObject *py_nccl_get_unique_id(PyObject *Py_UNUSED(m), PyObject *Py_UNUS
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    PyObject_HEAD fs_nccl_work_t *work;
+    PyObject_HEAD
+    fs_nccl_work_t *work;
 } NcclWorkObject;
 
 static PyTypeObject NcclWorkType;
@@ -300,7 +301,8 @@ static PyTypeObject NcclWorkType = {
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    PyObject_HEAD fs_nccl_comm_t *comm;
+    PyObject_HEAD
+    fs_nccl_comm_t *comm;
     int busy; /* calls in progress with the GIL released (changed with the GIL held) */
 } NcclCommObject;
 
