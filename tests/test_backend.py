@@ -438,14 +438,21 @@ def _reinit(rank, world, path):
             dist.all_reduce(u, group=sub)
             assert u.tolist() == [2.0, 2.0]
         dist.destroy_process_group()
-    # nothing left in /dev/shm by this job
-    return [f for f in os.listdir("/dev/shm") if f.startswith(f"fastspawn-{os.getpid()}-")]
+    # nothing of the segments is left with this rank: no fd, no mapping, no store key
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+           if os.path.exists(f"/proc/self/fd/{fd}")]
+    with open("/proc/self/maps") as fh:
+        maps = [line for line in fh if "memfd:fastspawn" in line or "/dev/shm/fastspawn" in line]
+    keys = [store.check([f"fastspawn/shm_handle/{g}"]) for g in range(6)] if rank == 0 else []
+    return [f for f in fds if "fastspawn" in f] + maps + [k for k in keys if k]
 
 
 def test_reinit_subgroups_and_no_leftover_segments():
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("fastspawn")}
     with tempfile.TemporaryDirectory() as tmp:
         left = run_ranks(_reinit, 3, os.path.join(tmp, "s"), init=False)
     assert left == [[], [], []]
+    assert {n for n in os.listdir("/dev/shm") if n.startswith("fastspawn")} <= before
 
 
 # ---------------------------------------------------------------------------

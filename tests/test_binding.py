@@ -2,6 +2,7 @@
 import os
 import select
 import signal
+import threading
 
 import pytest
 
@@ -72,13 +73,53 @@ def test_one_timeout_conversion():
             group.wait("soon")
     finally:
         group.close()
-    name = _C.comm_make_name()
     with pytest.raises(ValueError, match="timeout must be None or a number of seconds > 0"):
-        _C.Comm(name, 0, 1, timeout=0)
-    comm = _C.Comm(name, 0, 1, timeout=float("inf"), connect_timeout=0.0001)
+        _C.Comm(None, 0, 1, timeout=0)
+    comm = _C.Comm(None, 0, 1, timeout=float("inf"), connect_timeout=0.0001)
     try:
+        comm.join()
         comm.run(_C.COLL_BARRIER, 0, 0, 0, 0, 0, 0)
         with pytest.raises(ValueError, match=">= 0"):
             comm.wait(1, -0.5)
     finally:
         comm.close()
+
+
+def _both_join(r0, r1):
+    t = threading.Thread(target=r0.join)
+    t.start()
+    try:
+        r1.join()
+    finally:
+        t.join()
+
+
+@pytest.mark.parametrize("shm", ["memfd", "named"])
+def test_comm_is_created_by_rank_0_and_opened_by_the_others(shm, no_leaks):
+    with pytest.raises(ValueError, match="handle=None"):
+        _C.Comm("memfd:1:2:00", 0, 2)
+    with pytest.raises(ValueError, match="handle=None"):
+        _C.Comm(None, 1, 2)
+    with pytest.raises(ValueError, match="shm must be"):
+        _C.Comm(None, 0, 1, shm="tmpfs")
+    r0 = _C.Comm(None, 0, 2, shm=shm, connect_timeout=10)
+    try:
+        handle = r0.handle
+        # The cookie ends the handle (csrc/lib/shm.h): another one names another segment.
+        forged = handle[:-1] + ("1" if handle[-1] == "0" else "0")
+        with pytest.raises(PermissionError, match="cookie mismatch"):
+            _C.Comm(forged, 1, 2)
+        r1 = _C.Comm(handle, 1, 2, connect_timeout=10)
+        try:
+            assert r1.handle == handle
+            with pytest.raises(ValueError, match="fs_comm_join"):
+                r1.run(_C.COLL_BARRIER, 0, 0, 0, 0, 0, 0)
+            _both_join(r0, r1)
+            with pytest.raises(ValueError, match="joined already"):
+                r1.join()
+        finally:
+            r1.close()
+    finally:
+        r0.close()
+    with pytest.raises(RuntimeError, match="rank 0"):
+        _C.Comm(handle, 1, 2)  # rank 0's segment is gone with it: a clear error

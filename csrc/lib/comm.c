@@ -1,5 +1,5 @@
 /*
- * comm.c - the communicator: joining a segment (fs_comm_create), leaving, aborting,
+ * comm.c - the communicator: creating / opening and joining a segment, leaving, aborting,
  * the per-communicator worker thread that runs queued collectives in submission order,
  * and the public fs_* collective entry points. The segment and its steps are shm.c's,
  * the algorithms coll_cpu.c's: this file calls both, neither calls back.
@@ -46,6 +46,7 @@ struct fs_comm {
     fs__shm_t shm;             /* the segment and the step state (shm.c) */
     fs_comm_opts_t opts;       /* with the defaults filled in */
     unsigned fork_gen;         /* fork generation of the creating process (see forked) */
+    int joined;                /* fs_comm_join succeeded: collectives may run */
     int sync_ready;            /* exec_lock, qlock, q_cv, done_cv were initialised */
     pthread_mutex_t exec_lock; /* held while a collective runs on this rank */
 
@@ -78,7 +79,7 @@ static void on_fork_child(void)
 
 static void register_atfork(void)
 {
-    /* Fails only with ENOMEM; fs_comm_create then reports the fork guard as unavailable. */
+    /* Fails only with ENOMEM; comm_new then reports the fork guard as unavailable. */
     if (pthread_atfork(NULL, NULL, on_fork_child) != 0)
         atomic_store(&fork_generation, ~0u);
 }
@@ -188,13 +189,8 @@ static int cpu_count(void)
     return n > 0 ? (int)n : 1;
 }
 
-static int check_args(const char *name, int rank, int world_size, fs_error_t *err)
+static int check_args(int rank, int world_size, fs_error_t *err)
 {
-    if (name == NULL || name[0] != '/' || strlen(name) >= FS_COMM_NAME_MAX ||
-        strchr(name + 1, '/') != NULL)
-        return fs_error_set(err, FS_EINVAL,
-                            "segment name must be \"/name\" (no other '/') under %d bytes",
-                            FS_COMM_NAME_MAX);
     if (world_size < 1 || world_size > MAX_WORLD)
         return fs_error_set(err, FS_EINVAL, "world_size %d is not in 1..%d", world_size, MAX_WORLD);
     if (rank < 0 || rank >= world_size)
@@ -266,36 +262,99 @@ static int init_sync(fs_comm_t *c, fs_error_t *err)
     return FS_OK;
 }
 
-int fs_comm_create(const char *name, int rank, int world_size, const fs_comm_opts_t *opts,
-                   fs_comm_t **out, fs_error_t *err)
+/* What creating and opening share: the arguments, options and per-rank state. NULL with
+ *rc and err filled when it fails. */
+static fs_comm_t *comm_new(int rank, int world_size, const fs_comm_opts_t *opts, int *rc,
+                           fs_error_t *err)
+{
+    if ((*rc = check_args(rank, world_size, err)) != FS_OK)
+        return NULL;
+    if (pthread_once(&atfork_once, register_atfork) != 0 || atomic_load(&fork_generation) == ~0u) {
+        *rc = fs_error_set(err, FS_ENOMEM, "pthread_atfork failed");
+        return NULL;
+    }
+    fs_comm_t *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        *rc = fs_error_set(err, FS_ENOMEM, "out of memory");
+        return NULL;
+    }
+    c->fork_gen = atomic_load(&fork_generation);
+    /* fs__shm_init first: it makes the state fs_comm_destroy can always release. */
+    if ((*rc = fs__shm_init(&c->shm, rank, world_size, err)) != FS_OK ||
+        (*rc = choose_sizes(c, opts, world_size, err)) != FS_OK ||
+        (*rc = init_sync(c, err)) != FS_OK) {
+        fs_comm_destroy(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* The end of create / open: the communicator, or nothing (peers told, when it is ours). */
+static int attached_or_destroy(fs_comm_t *c, int rc, fs_comm_t **out, fs_error_t *err)
+{
+    if (rc == FS_OK) {
+        *out = c;
+        return FS_OK;
+    }
+    if (c != NULL && c->shm.hdr != NULL)
+        fs__shm_fail(&c->shm, err); /* e.g. a world size mismatch: rank 0 hears of it at once */
+    fs_comm_destroy(c);
+    return rc;
+}
+
+int fs_comm_create(int world_size, const fs_comm_opts_t *opts, fs_comm_t **out, fs_error_t *err)
 {
     FS__ERR_OR_LOCAL(err);
     if (out == NULL)
         return fs_error_set(err, FS_EINVAL, "fs_comm_create: out is NULL");
     *out = NULL;
-    int rc = check_args(name, rank, world_size, err);
+    int rc;
+    fs_comm_t *c = comm_new(0, world_size, opts, &rc, err);
+    if (c != NULL)
+        rc = fs__shm_create(&c->shm, c->opts.shm, err);
+    return attached_or_destroy(c, rc, out, err);
+}
+
+int fs_comm_open(const char *handle, int rank, int world_size, const fs_comm_opts_t *opts,
+                 fs_comm_t **out, fs_error_t *err)
+{
+    FS__ERR_OR_LOCAL(err);
+    if (out == NULL || handle == NULL)
+        return fs_error_set(err, FS_EINVAL, "fs_comm_open: %s is NULL", out ? "handle" : "out");
+    *out = NULL;
+    if (rank == 0)
+        return fs_error_set(err, FS_EINVAL, "rank 0 creates the segment (fs_comm_create)");
+    int rc;
+    fs_comm_t *c = comm_new(rank, world_size, opts, &rc, err);
+    if (c != NULL)
+        rc = fs__shm_open(&c->shm, handle, err);
+    return attached_or_destroy(c, rc, out, err);
+}
+
+const char *fs_comm_handle(const fs_comm_t *c)
+{
+    return c->shm.seg.handle;
+}
+
+int fs_comm_join(fs_comm_t *c, fs_error_t *err)
+{
+    FS__ERR_OR_LOCAL(err);
+    if (forked(c))
+        return forked_error(c, err);
+    if (c->joined)
+        return fs_error_set(err, FS_EINVAL, "rank %d joined already", c->shm.rank);
+    /* After a failed join only destroying is left. A peer's abort that came first is not
+       checked here: fs__shm_join reports it with its own code (e.g. FS_EMISMATCH). */
+    if (atomic_load(&c->shm.failed))
+        return fs__shm_check_usable(&c->shm, err);
+    int rc = fs__shm_join(&c->shm, err);
+    if (rc == FS_OK && !c->opts.no_worker)
+        rc = worker_start(c, err);
     if (rc != FS_OK)
-        return rc;
-    if (pthread_once(&atfork_once, register_atfork) != 0 || atomic_load(&fork_generation) == ~0u)
-        return fs_error_set(err, FS_ENOMEM, "pthread_atfork failed");
-    fs_comm_t *c = calloc(1, sizeof *c);
-    if (c == NULL)
-        return fs_error_set(err, FS_ENOMEM, "out of memory");
-    c->fork_gen = atomic_load(&fork_generation);
-    if ((rc = choose_sizes(c, opts, world_size, err)) != FS_OK ||
-        (rc = fs__shm_init(&c->shm, name, rank, world_size, err)) != FS_OK ||
-        (rc = init_sync(c, err)) != FS_OK || (rc = fs__shm_attach(&c->shm, err)) != FS_OK)
-        goto fail;
-    if (!c->opts.no_worker && (rc = worker_start(c, err)) != FS_OK)
-        goto fail;
+        return fs__shm_fail(&c->shm, err); /* the peers must not wait for a rank that gave up */
+    c->joined = 1;
     snprintf(c->shm.what, sizeof c->shm.what, "idle");
-    *out = c;
     return FS_OK;
-fail:
-    if (c->shm.hdr != NULL)
-        fs__shm_fail(&c->shm, err); /* the peers must not wait for a rank that gave up */
-    fs_comm_destroy(c);
-    return rc;
 }
 
 void fs_comm_destroy(fs_comm_t *c)
@@ -376,6 +435,9 @@ static int check_call(fs_comm_t *c, const fs_coll_args_t *a, fs_error_t *err)
 {
     if (forked(c))
         return forked_error(c, err);
+    if (!c->joined)
+        return fs_error_set(err, FS_EINVAL,
+                            "rank %d has not joined the communicator (fs_comm_join)", c->shm.rank);
     return fs__coll_validate(&c->shm, a, err);
 }
 

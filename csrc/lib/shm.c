@@ -1,9 +1,9 @@
 /*
- * shm.c - the shared-memory segment behind a communicator: create / open / map /
- * unlink, layout, per-rank step counters, waiting (spin, then futex with a deadline,
- * checking the abort word and peer liveness) and the abort record. See shm.h for the
- * step protocol the algorithms (coll_cpu.c) build on; the communicator that owns a
- * segment is comm.c's. Nothing here calls up into those files.
+ * shm.c - the shared-memory segment behind a communicator: its layout and header (the
+ * file itself is shm_seg.c's), joining, per-rank step counters, waiting (spin, then futex
+ * with a deadline, checking the abort word and peer liveness) and the abort record. See
+ * shm.h for the step protocol the algorithms (coll_cpu.c) build on; the communicator that
+ * owns a segment is comm.c's. Nothing here calls up into those files.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -31,11 +31,6 @@ static inline void cpu_relax(void)
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield" ::: "memory");
 #endif
-}
-
-static void sleep_us(long us)
-{
-    (void)fs__sleep_ns((int64_t)us * 1000); /* EINTR only shortens one poll interval */
 }
 
 /* The futex word of a 64-bit counter: its low 32 bits. */
@@ -73,19 +68,6 @@ static void wake_everyone(fs__shm_t *s)
     for (int q = 0; s->lines != NULL && q < s->world; q++)
         futex_wake_all(low_word(&s->lines[q].seq));
     futex_wake_all(&s->hdr->nmapped);
-}
-
-int fs_comm_make_name(char *buf, size_t len, fs_error_t *err)
-{
-    unsigned char rnd[16];
-    if (buf == NULL || len < FS_COMM_NAME_MAX)
-        return fs_error_set(err, FS_EINVAL, "name buffer needs %d bytes", FS_COMM_NAME_MAX);
-    if (fs__getrandom(rnd, sizeof rnd) < 0)
-        return fs_error_sys(err, "getrandom");
-    int n = snprintf(buf, len, "/fastspawn-%d-", (int)getpid());
-    for (size_t i = 0; i < sizeof rnd && n >= 0 && (size_t)n + 3 <= len; i++)
-        n += snprintf(buf + n, len - (size_t)n, "%02x", rnd[i]);
-    return FS_OK;
 }
 
 /* Copy the segment's abort record into err (code from the record). */
@@ -318,155 +300,26 @@ static size_t round_up(size_t x, size_t a)
     return (x + a - 1) / a * a;
 }
 
-static int create_segment(fs__shm_t *s, int *fd_out, size_t total, fs_error_t *err)
-{
-    int fd = shm_open(s->name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0)
-        return fs_error_sys(err, "shm_open(%s, O_CREAT|O_EXCL)", s->name);
-    if (ftruncate(fd, (off_t)total) < 0) {
-        fs_error_sys(err, "ftruncate(%s, %zu)", s->name, total);
-        (void)fs__close(fd);
-        (void)shm_unlink(s->name);
-        return FS_ESYS;
-    }
-    *fd_out = fd;
-    return FS_OK;
-}
-
-/* Open the segment rank 0 creates, waiting for it to appear and get its size. */
-static int open_segment(fs__shm_t *s, int *fd_out, size_t *size_out, int64_t deadline,
-                        fs_error_t *err)
-{
-    long pause = 100;
-    int fd = -1;
-    for (;;) {
-        if (fd < 0) {
-            fd = shm_open(s->name, O_RDWR | O_CLOEXEC, 0);
-            if (fd < 0 && errno != ENOENT)
-                return fs_error_sys(err, "shm_open(%s)", s->name);
-        }
-        if (fd >= 0) {
-            struct stat st;
-            if (fstat(fd, &st) < 0) {
-                fs_error_sys(err, "fstat(%s)", s->name);
-                (void)fs__close(fd);
-                return FS_ESYS;
-            }
-            if ((size_t)st.st_size >= sizeof(struct fs__shm_hdr)) {
-                *fd_out = fd;
-                *size_out = (size_t)st.st_size;
-                return FS_OK;
-            }
-        }
-        if (fs_now_ms() >= deadline) {
-            if (fd >= 0)
-                (void)fs__close(fd);
-            return fs_error_set(err, FS_ETIMEOUT,
-                                "rank %d: shared-memory segment %s did not appear within %lld ms "
-                                "(did rank 0 start?)",
-                                s->rank, s->name, (long long)s->connect_timeout_ms);
-        }
-        sleep_us(pause);
-        if (pause < 5000)
-            pause *= 2;
-    }
-}
-
-static void layout(fs__shm_t *s, size_t *lines_off, size_t *slots_off, size_t *total)
+static void layout(int world, size_t slot_bytes, size_t *lines_off, size_t *slots_off,
+                   size_t *total)
 {
     *lines_off = round_up(sizeof(struct fs__shm_hdr), FS__SHM_ALIGN);
-    *slots_off =
-        round_up(*lines_off + (size_t)s->world * sizeof(struct fs__rank_line), FS__SHM_ALIGN);
-    *total = *slots_off + (size_t)s->world * s->slot_bytes;
+    *slots_off = round_up(*lines_off + (size_t)world * sizeof(struct fs__rank_line), FS__SHM_ALIGN);
+    *total = *slots_off + (size_t)world * slot_bytes;
 }
 
-/* Announce this rank in the segment and wait until every rank did; unlink the name. */
-static int join_segment(fs__shm_t *s, int64_t deadline, fs_error_t *err)
+static void set_views(fs__shm_t *s, size_t lines_off, size_t slots_off)
 {
-    struct fs__shm_hdr *h = s->hdr;
-    struct fs__rank_line *me = &s->lines[s->rank];
-    uint32_t free_state = FS__RANK_FREE;
-    atomic_store(&me->pid, (int32_t)getpid());
-    if (!atomic_compare_exchange_strong(&me->state, &free_state, FS__RANK_JOINED)) {
-        return fs_error_set(err, FS_EMISMATCH, "rank %d joined %s twice (also pid %d)", s->rank,
-                            s->name, (int)atomic_load(&me->pid));
-    }
-    uint32_t n = atomic_fetch_add(&h->nmapped, 1) + 1;
-    futex_wake_all(&h->nmapped);
-    if (n == (uint32_t)s->world) {
-        if (shm_unlink(s->name) < 0 && errno != ENOENT)
-            return fs_error_sys(err, "shm_unlink(%s)", s->name);
-    }
-    while ((n = atomic_load(&h->nmapped)) < (uint32_t)s->world) {
-        if (atomic_load(&h->abort_word) != FS__ABORT_NONE)
-            return read_abort(s, err);
-        int64_t now = fs_now_ms();
-        if (now >= deadline) {
-            char missing[256] = "";
-            size_t used = 0;
-            for (int q = 0; q < s->world && used + 16 < sizeof missing; q++) {
-                if (atomic_load(&s->lines[q].state) == FS__RANK_FREE)
-                    used += (size_t)snprintf(missing + used, sizeof missing - used, "%s%d",
-                                             used ? ", " : "", q);
-            }
-            (void)shm_unlink(s->name); /* leave nothing behind; ENOENT is fine */
-            fs_error_set(err, FS_ETIMEOUT,
-                         "rank %d: timed out after %lld ms waiting for rank(s) %s to join %s",
-                         s->rank, (long long)s->connect_timeout_ms, missing, s->name);
-            return fs__shm_fail(s, err);
-        }
-        int64_t slice = deadline - now < 50 ? deadline - now : 50;
-        if (futex_wait(&h->nmapped, n, slice) < 0)
-            return fs_error_sys(err, "futex wait on %s", s->name);
-    }
-    return FS_OK;
+    unsigned char *base = s->seg.base;
+    s->hdr = s->seg.base;
+    s->lines = (struct fs__rank_line *)(void *)(base + lines_off);
+    s->slots = base + slots_off;
 }
 
-static int open_peers(fs__shm_t *s, fs_error_t *err)
-{
-    for (int q = 0; q < s->world; q++) {
-        s->pids[q] = (pid_t)atomic_load(&s->lines[q].pid);
-        if (q == s->rank)
-            continue;
-        int fd = fs__pidfd_open(s->pids[q]);
-        if (fd >= 0) {
-            s->pidfds[q] = fd;
-            continue;
-        }
-        if (fd == FS__NO_PIDFD)
-            continue; /* peer_state falls back to kill(pid, 0) and /proc */
-        if (errno == ESRCH)
-            return fs_error_set(err, FS_EPEER, "rank %d (pid %d) exited before rank %d joined", q,
-                                (int)s->pids[q], s->rank);
-        return fs_error_sys(err, "pidfd_open(%d)", (int)s->pids[q]);
-    }
-    return FS_OK;
-}
-
-static int check_header(fs__shm_t *s, size_t size, int64_t deadline, fs_error_t *err)
-{
-    struct fs__shm_hdr *h = s->hdr;
-    while (atomic_load_explicit(&h->ready, memory_order_acquire) == 0) {
-        if (fs_now_ms() >= deadline)
-            return fs_error_set(err, FS_ETIMEOUT, "rank %d: segment %s never became ready", s->rank,
-                                s->name);
-        sleep_us(200);
-    }
-    if (h->magic != FS__SHM_MAGIC || h->version != FS__SHM_VERSION)
-        return fs_error_set(err, FS_EPROTO, "%s is not a fastspawn communicator segment", s->name);
-    if (h->world_size != (uint32_t)s->world)
-        return fs_error_set(err, FS_EMISMATCH,
-                            "world size mismatch: rank %d was given %d, rank 0 created %s for %u",
-                            s->rank, s->world, s->name, h->world_size);
-    if (h->total_bytes != size || h->slot_bytes < FS__SHM_MIN_SLOT_BYTES)
-        return fs_error_set(err, FS_EPROTO, "segment %s has an inconsistent size", s->name);
-    return FS_OK;
-}
-
-/* Rank 0: fill the segment's header, then publish it (ready). */
+/* Rank 0: fill the header, before anyone can know the handle. */
 static void write_header(fs__shm_t *s, size_t lines_off, size_t slots_off, size_t total)
 {
-    struct fs__shm_hdr *h = s->hdr;
+    struct fs__shm_hdr *h = s->seg.base;
     h->magic = FS__SHM_MAGIC;
     h->version = FS__SHM_VERSION;
     h->world_size = (uint32_t)s->world;
@@ -475,85 +328,211 @@ static void write_header(fs__shm_t *s, size_t lines_off, size_t slots_off, size_
     h->lines_off = lines_off;
     h->slots_off = slots_off;
     h->oneshot_max = s->oneshot_max;
-    atomic_store_explicit(&h->ready, 1, memory_order_release);
+    memcpy(h->cookie, s->seg.cookie, sizeof h->cookie);
 }
 
-/* The other ranks: wait for rank 0's header, check it, take its sizes. */
-static int read_header(fs__shm_t *s, size_t size, int64_t deadline, size_t *lines_off,
-                       size_t *slots_off, fs_error_t *err)
+/* The cookie first: until it matches, the file may be anybody's, and stays untouched. */
+static int check_identity(fs__shm_t *s, const struct fs__shm_hdr *h, fs_error_t *err)
 {
-    int rc = check_header(s, size, deadline, err);
-    if (rc != FS_OK) {
-        if (rc != FS_EMISMATCH)
-            s->hdr = NULL; /* do not touch a segment we do not understand */
-        return rc;         /* a world size mismatch aborts it for rank 0 too */
-    }
-    s->slot_bytes = s->hdr->slot_bytes;
-    s->buf_bytes = s->slot_bytes / 2;
-    s->oneshot_max = s->hdr->oneshot_max;
-    *lines_off = s->hdr->lines_off;
-    *slots_off = s->hdr->slots_off;
+    if (h->magic != FS__SHM_MAGIC || h->version != FS__SHM_VERSION)
+        return fs_error_set(err, FS_EPROTO,
+                            "rank %d: %s is not a fastspawn segment of this version (%u)", s->rank,
+                            s->seg.name, FS__SHM_VERSION);
+    if (memcmp(h->cookie, s->seg.cookie, sizeof h->cookie) != 0)
+        return fs_error_set(err, FS_EAUTH,
+                            "rank %d: %s is not the segment of this handle (cookie mismatch): a "
+                            "stale handle, or one from another machine or pid namespace",
+                            s->rank, s->seg.name);
     return FS_OK;
 }
 
-/* Create (rank 0) or open the segment and map it. */
-static int map_segment(fs__shm_t *s, size_t total, int64_t deadline, fs_error_t *err)
+/* Rank 0's sizes, consistent with its world size and the file. */
+static int check_sizes(fs__shm_t *s, const struct fs__shm_hdr *h, fs_error_t *err)
 {
-    size_t size = total;
-    int fd = -1;
-    int rc = s->rank == 0 ? create_segment(s, &fd, total, err)
-                          : open_segment(s, &fd, &size, deadline, err);
+    if (h->world_size != (uint32_t)s->world)
+        return fs_error_set(err, FS_EMISMATCH,
+                            "world size mismatch: rank %d was given %d, rank 0 created %s for %u",
+                            s->rank, s->world, s->seg.name, h->world_size);
+    size_t lines_off, slots_off, total, unit = (size_t)2 * FS__SHM_ALIGN;
+    int ok = h->slot_bytes >= FS__SHM_MIN_SLOT_BYTES && h->slot_bytes % unit == 0 &&
+             h->slot_bytes <= s->seg.len / (size_t)s->world; /* layout cannot overflow */
+    if (ok) {
+        layout(s->world, (size_t)h->slot_bytes, &lines_off, &slots_off, &total);
+        ok = h->lines_off == lines_off && h->slots_off == slots_off && h->total_bytes == total &&
+             total == s->seg.len;
+    }
+    if (!ok)
+        return fs_error_set(err, FS_EPROTO, "segment %s has an inconsistent size", s->seg.name);
+    return FS_OK;
+}
+
+/* Announce this rank in its line (rank 0 does at creation, so the peers can watch it). */
+static int announce(fs__shm_t *s, fs_error_t *err)
+{
+    struct fs__rank_line *me = &s->lines[s->rank];
+    uint32_t free_state = FS__RANK_FREE;
+    if (!atomic_compare_exchange_strong(&me->state, &free_state, FS__RANK_JOINED))
+        return fs_error_set(err, FS_EMISMATCH, "rank %d joined %s twice (also pid %d)", s->rank,
+                            s->seg.name, (int)atomic_load(&me->pid));
+    /* A peer seeing JOINED before the pid skips the liveness check until the next look. */
+    atomic_store(&me->pid, (int32_t)getpid());
+    atomic_fetch_add(&s->hdr->nmapped, 1);
+    futex_wake_all(&s->hdr->nmapped);
+    return FS_OK;
+}
+
+int fs__shm_create(fs__shm_t *s, int kind, fs_error_t *err)
+{
+    size_t lines_off, slots_off, total;
+    layout(s->world, s->slot_bytes, &lines_off, &slots_off, &total);
+    struct fs__seg_size sz = {.total = total, .slot_bytes = s->slot_bytes, .world = s->world};
+    int rc = fs__seg_create(&s->seg, kind, &sz, err);
     if (rc != FS_OK)
         return rc;
-    void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    int close_errno = fs__close(fd); /* keeps mmap's errno */
-    if (base == MAP_FAILED) {
-        fs_error_sys(err, "mmap(%s, %zu bytes)", s->name, size);
-        if (s->rank == 0)
-            (void)shm_unlink(s->name);
-        return FS_ESYS;
+    write_header(s, lines_off, slots_off, total);
+    set_views(s, lines_off, slots_off);
+    return announce(s, err);
+}
+
+int fs__shm_open(fs__shm_t *s, const char *handle, fs_error_t *err)
+{
+    int rc = fs__seg_open(&s->seg, handle, s->rank, err);
+    if (rc != FS_OK)
+        return rc;
+    struct fs__shm_hdr *h = s->seg.base;
+    if ((rc = check_identity(s, h, err)) != FS_OK)
+        return rc;
+    /* Ours: a named one's name is now ours to remove too (whoever gets there first). */
+    s->seg.linked = s->seg.kind == FS_SHM_NAMED;
+    if ((rc = check_sizes(s, h, err)) != FS_OK) {
+        if (rc == FS_EMISMATCH)
+            s->hdr = h; /* the caller aborts the segment: rank 0 hears of it at once */
+        return rc;
     }
-    if (close_errno != 0) {
-        errno = close_errno;
-        fs_error_sys(err, "close(%s)", s->name);
-        (void)munmap(base, size);
-        return FS_ESYS;
-    }
-    s->base = base;
-    s->map_len = size;
-    s->hdr = base;
+    s->slot_bytes = h->slot_bytes;
+    s->buf_bytes = s->slot_bytes / 2;
+    s->oneshot_max = h->oneshot_max;
+    set_views(s, h->lines_off, h->slots_off);
     return FS_OK;
 }
 
-int fs__shm_attach(fs__shm_t *s, fs_error_t *err)
+/* Start watching rank q once it has written its pid (before that, pids[q] stays 0). */
+static int watch_peer(fs__shm_t *s, int q, fs_error_t *err)
+{
+    pid_t pid = (pid_t)atomic_load(&s->lines[q].pid);
+    if (pid <= 0)
+        return FS_OK;
+    s->pids[q] = pid;
+    int fd = fs__pidfd_open(pid);
+    if (fd >= 0)
+        s->pidfds[q] = fd;
+    else if (fd != FS__NO_PIDFD && errno == ESRCH)
+        return fs_error_set(err, FS_EPEER, "rank %d (pid %d) exited before rank %d joined", q,
+                            (int)pid, s->rank);
+    else if (fd != FS__NO_PIDFD) /* FS__NO_PIDFD: peer_state polls the pid instead */
+        return fs_error_sys(err, "pidfd_open(%d)", (int)pid);
+    return FS_OK;
+}
+
+/* The ranks that have not joined yet, as "1, 2". */
+static void missing_ranks(fs__shm_t *s, char *buf, size_t len)
+{
+    size_t used = 0;
+    buf[0] = '\0';
+    for (int q = 0; q < s->world && used + 16 < len; q++) {
+        if (atomic_load(&s->lines[q].state) == FS__RANK_FREE)
+            used += (size_t)snprintf(buf + used, len - used, "%s%d", used ? ", " : "", q);
+    }
+}
+
+/* A rank that joined and then died or left will never make the count: say so now. */
+static int check_joined(fs__shm_t *s, fs_error_t *err)
+{
+    for (int q = 0; q < s->world; q++) {
+        if (q == s->rank || atomic_load(&s->lines[q].state) == FS__RANK_FREE)
+            continue;
+        int rc = s->pids[q] == 0 ? watch_peer(s, q, err) : FS_OK;
+        if (rc != FS_OK)
+            return rc;
+        int st = peer_state(s, q);
+        if (st != PEER_ALIVE) {
+            char missing[256];
+            missing_ranks(s, missing, sizeof missing);
+            return fs_error_set(
+                err, FS_EPEER, "rank %d (pid %d) %s while rank %d waited for rank(s) %s to join %s",
+                q, (int)s->pids[q], st == PEER_CLOSED ? "left" : "exited", s->rank, missing,
+                s->seg.name);
+        }
+    }
+    return FS_OK;
+}
+
+static int join_timeout(fs__shm_t *s, fs_error_t *err)
+{
+    char missing[256];
+    missing_ranks(s, missing, sizeof missing);
+    return fs_error_set(err, FS_ETIMEOUT,
+                        "rank %d: timed out after %lld ms waiting for rank(s) %s to join %s",
+                        s->rank, (long long)s->connect_timeout_ms, missing, s->seg.name);
+}
+
+static int wait_for_all(fs__shm_t *s, int64_t deadline, fs_error_t *err)
+{
+    struct fs__shm_hdr *h = s->hdr;
+    int64_t last_check = fs_now_ms();
+    uint32_t n;
+    while ((n = atomic_load(&h->nmapped)) < (uint32_t)s->world) {
+        if (atomic_load(&h->abort_word) != FS__ABORT_NONE)
+            return read_abort(s, err);
+        int64_t now = fs_now_ms();
+        if (now - last_check >= s->liveness_ms) {
+            last_check = now;
+            int rc = check_joined(s, err);
+            if (rc != FS_OK)
+                return rc;
+        }
+        if (now >= deadline)
+            return join_timeout(s, err);
+        int64_t slice = deadline - now < s->liveness_ms ? deadline - now : s->liveness_ms;
+        if (futex_wait(&h->nmapped, n, slice) < 0)
+            return fs_error_sys(err, "futex wait on %s", s->seg.name);
+    }
+    return FS_OK;
+}
+
+/* Every rank's pid and pidfd (watch_peer did those it saw while waiting). */
+static int open_peers(fs__shm_t *s, fs_error_t *err)
+{
+    for (int q = 0; q < s->world; q++) {
+        int rc = q != s->rank && s->pids[q] == 0 ? watch_peer(s, q, err) : FS_OK;
+        if (rc != FS_OK)
+            return rc;
+    }
+    return FS_OK;
+}
+
+int fs__shm_join(fs__shm_t *s, fs_error_t *err)
 {
     int64_t deadline = fs__deadline_ms(s->connect_timeout_ms);
-    size_t lines_off, slots_off, total;
-    layout(s, &lines_off, &slots_off, &total);
-    int rc = map_segment(s, total, deadline, err);
+    int rc = s->rank == 0 ? FS_OK : announce(s, err);
+    if (rc == FS_OK)
+        rc = wait_for_all(s, deadline, err);
+    if (rc == FS_OK) /* every rank has it mapped: no fd or name is needed any more */
+        rc = fs__seg_settle(&s->seg, err);
+    if (rc == FS_OK)
+        rc = open_peers(s, err);
     if (rc != FS_OK)
-        return rc;
-    if (s->rank == 0)
-        write_header(s, lines_off, slots_off, total);
-    else if ((rc = read_header(s, s->map_len, deadline, &lines_off, &slots_off, err)) != FS_OK)
-        return rc;
-    s->lines = (struct fs__rank_line *)(void *)((unsigned char *)s->base + lines_off);
-    s->slots = (unsigned char *)s->base + slots_off;
-    rc = join_segment(s, deadline, err);
-    if (rc != FS_OK) {
-        if (s->rank == 0 || rc == FS_ETIMEOUT)
-            (void)shm_unlink(s->name);
-        return rc;
-    }
-    return open_peers(s, err);
+        (void)fs__seg_settle(&s->seg, NULL); /* leave no name behind; err says the rest */
+    return rc;
 }
 
-int fs__shm_init(fs__shm_t *s, const char *name, int rank, int world, fs_error_t *err)
+int fs__shm_init(fs__shm_t *s, int rank, int world, fs_error_t *err)
 {
     s->rank = rank;
     s->world = world;
-    snprintf(s->name, sizeof s->name, "%s", name);
-    snprintf(s->what, sizeof s->what, "fs_comm_create");
+    s->seg.fd = -1;
+    snprintf(s->seg.name, sizeof s->seg.name, "the segment");
+    snprintf(s->what, sizeof s->what, "fs_comm_join");
     s->pids = calloc((size_t)world, sizeof *s->pids);
     s->pidfds = malloc((size_t)world * sizeof *s->pidfds);
     s->ins = malloc((size_t)world * sizeof *s->ins);
@@ -561,6 +540,7 @@ int fs__shm_init(fs__shm_t *s, const char *name, int rank, int world, fs_error_t
         return fs_error_set(err, FS_ENOMEM, "out of memory");
     for (int q = 0; q < world; q++)
         s->pidfds[q] = -1;
+    s->pids[rank] = getpid(); /* for messages before the join */
     int rc = pthread_mutex_init(&s->fail_lock, NULL);
     if (rc != 0) {
         errno = rc;
@@ -577,10 +557,10 @@ void fs__shm_release(fs__shm_t *s, int forked)
         if (atomic_load(&me->state) == FS__RANK_JOINED && atomic_load(&me->pid) == getpid()) {
             atomic_store(&me->state, FS__RANK_CLOSED);
             futex_wake_all(low_word(&me->seq));
+            futex_wake_all(&s->hdr->nmapped); /* a peer still waiting in join sees it at once */
         }
     }
-    if (s->base != NULL)
-        (void)munmap(s->base, s->map_len); /* EINVAL only for a bad range: nothing to do */
+    fs__seg_release(&s->seg, forked);
     for (int q = 0; s->pidfds != NULL && q < s->world; q++)
         (void)fs__close(s->pidfds[q]); /* a pidfd has nothing to flush */
     /* In a forked child the lock may be held by a thread that did not survive the fork. */
@@ -592,6 +572,6 @@ void fs__shm_release(fs__shm_t *s, int forked)
     s->ins = NULL;
     s->pids = NULL;
     s->pidfds = NULL;
-    s->base = s->hdr = NULL;
+    s->hdr = NULL;
     s->lines = NULL;
 }

@@ -2,8 +2,14 @@
  * shm.h - internal to shm.c, coll_cpu.c and comm.c: the shared segment's layout, one
  * rank's view of it (fs__shm_t) and the step/wait primitives the collectives are built
  * on. Not part of the public API (see fastspawn/comm.h). The layers, bottom up:
- * shm.c (segment, steps, abort word) <- coll_cpu.c (algorithms) <- comm.c (the
+ * shm_seg.c (the file behind the segment: create, reserve, handle, open and check) <-
+ * shm.c (layout, join, steps, abort word) <- coll_cpu.c (algorithms) <- comm.c (the
  * communicator, its worker thread and queue, the public entry points).
+ *
+ * The segment file. Rank 0 makes it (a memfd by default, else a /dev/shm name), sizes
+ * and reserves it, maps it, writes the header with a random cookie and only then hands
+ * out its handle, so a peer finds a complete header or nothing. A peer maps the file
+ * the handle names and compares the cookie before it reads or writes anything else.
  *
  * Steps. Every rank has one 64-bit counter `seq`, on its own cache line(s), and a
  * data slot split into two buffers. A collective is a fixed sequence of steps
@@ -27,7 +33,8 @@
 #include "fastspawn.h"
 
 #define FS__SHM_MAGIC 0x66732d73686d3031ULL /* "fs-shm01" */
-#define FS__SHM_VERSION 1u
+#define FS__SHM_VERSION 2u                  /* 2: the cookie, no ready flag */
+#define FS__SHM_COOKIE_LEN 16
 #define FS__SHM_ALIGN 4096u
 #define FS__SHM_MIN_SLOT_BYTES ((size_t)2 * FS__SHM_ALIGN)
 
@@ -61,26 +68,67 @@ struct fs__shm_hdr {
     uint64_t total_bytes;
     uint64_t lines_off; /* byte offsets from the segment start */
     uint64_t slots_off;
-    uint64_t oneshot_max;     /* rank 0's choice, so every rank picks the same algorithm */
-    _Atomic uint32_t ready;   /* 1 once rank 0 filled this header */
-    _Atomic uint32_t nmapped; /* ranks that mapped the segment */
+    uint64_t oneshot_max; /* rank 0's choice, so every rank picks the same algorithm */
+    unsigned char cookie[FS__SHM_COOKIE_LEN]; /* random, also in the handle: the right file */
+    _Atomic uint32_t nmapped;                 /* ranks that joined */
     _Alignas(64) _Atomic uint32_t abort_word; /* FS__ABORT_*, on its own cache line */
     int32_t abort_rank;                       /* valid once abort_word == FS__ABORT_SET */
     int32_t abort_code;
     char abort_msg[FS_ERRMSG_LEN];
 };
 
+/* ---- the segment file (shm_seg.c) ------------------------------------------------ */
+
+/* Handle formats, private to the library (the C tests forge bad ones):
+     memfd:<pid>:<fd>:<cookie hex>      the peers open /proc/<pid>/fd/<fd>
+     named:/fastspawn-<hex>:<cookie hex> the peers shm_open the name */
+#define FS__SEG_MEMFD_PREFIX "memfd:"
+#define FS__SEG_NAMED_PREFIX "named:"
+/* memfd_create's name: /proc/<pid>/fd/<fd> reads "/memfd:fastspawn (deleted)". */
+#define FS__SEG_MEMFD_NAME "fastspawn"
+#define FS__SEG_NAME_MAX 64
+
+struct fs__seg {
+    int kind;                        /* FS_SHM_MEMFD or FS_SHM_NAMED, once made or opened */
+    int fd;                          /* rank 0's, open until every rank joined; else -1 */
+    int linked;                      /* named: the name may still exist */
+    char name[FS__SEG_NAME_MAX];     /* named: the shm name; memfd: the /proc path (messages) */
+    char handle[FS_COMM_HANDLE_MAX]; /* rank 0's handle, on every rank */
+    unsigned char cookie[FS__SHM_COOKIE_LEN];
+    void *base; /* the mapping */
+    size_t len;
+};
+
+/* What the segment needs, for fs__seg_create and its error messages. */
+struct fs__seg_size {
+    size_t total, slot_bytes;
+    int world;
+};
+
+/* Rank 0: a new segment file of sz->total bytes of kind FS_SHM_* (AUTO: $FASTSPAWN_SHM, else a
+   memfd, named where memfd_create is refused), reserved and mapped; seg->fd stays open, handle
+   and cookie are filled. The caller writes the header, then publishes the handle. */
+int fs__seg_create(struct fs__seg *seg, int kind, const struct fs__seg_size *sz, fs_error_t *err);
+/* Other ranks: parse handle, open the file it names, check that it is a segment file (memfd:
+   ours, sealed), map it. The caller checks the cookie before anything else. */
+int fs__seg_open(struct fs__seg *seg, const char *handle, int rank, fs_error_t *err);
+/* Every rank joined: rank 0 closes its fd, the name (named) goes. Also on failure: leave no
+   name behind. Idempotent; err may be NULL. */
+int fs__seg_settle(struct fs__seg *seg, fs_error_t *err);
+/* Settle and unmap. forked: a child's copy, whose name (if any) is the parent's to remove. */
+void fs__seg_release(struct fs__seg *seg, int forked);
+
+/* ---- one rank's view (shm.c) -------------------------------------------------------- */
+
 /* One rank's view of the segment and the state of its steps. */
 typedef struct fs__shm {
     int rank, world;
-    char name[FS_COMM_NAME_MAX];
-    /* Set by the caller before fs__shm_attach (rank 0's slot_bytes and oneshot_max then
+    struct fs__seg seg;
+    /* Set by the caller before fs__shm_create / _open (rank 0's slot_bytes and oneshot_max then
        win on every rank, from the segment's header). */
     size_t slot_bytes, buf_bytes, oneshot_max;
     int64_t spin_ns, yield_ns, liveness_ms, connect_timeout_ms;
-    /* The mapping. */
-    void *base;
-    size_t map_len;
+    /* Views into seg's mapping. */
     struct fs__shm_hdr *hdr;
     struct fs__rank_line *lines;
     unsigned char *slots;
@@ -100,11 +148,15 @@ typedef struct fs__shm {
     fs_error_t fail_err;
 } fs__shm_t;
 
-/* Name, rank and world, and the per-rank arrays; the sizes are the caller's to set. */
-int fs__shm_init(fs__shm_t *s, const char *name, int rank, int world, fs_error_t *err);
-/* Create (rank 0) or open the segment, map it, join and wait until every rank has;
-   the name is unlinked then. */
-int fs__shm_attach(fs__shm_t *s, fs_error_t *err);
+/* Rank and world, and the per-rank arrays; the sizes are the caller's to set. */
+int fs__shm_init(fs__shm_t *s, int rank, int world, fs_error_t *err);
+/* Rank 0: make the segment (kind FS_SHM_*), write its header and join it as rank 0. */
+int fs__shm_create(fs__shm_t *s, int kind, fs_error_t *err);
+/* Other ranks: map rank 0's segment from its handle and check its header (rank 0's sizes win). */
+int fs__shm_open(fs__shm_t *s, const char *handle, fs_error_t *err);
+/* Join (rank 0 did at creation) and wait until every rank did, or one that joined died; then
+   the segment file is settled (fs__seg_settle) and the peers' pidfds are open. */
+int fs__shm_join(fs__shm_t *s, fs_error_t *err);
 /* Leave (peers waiting for this rank then get FS_EPEER), unmap, close, free. forked: in
    a child forked after attach, where only the memory is ours to release. */
 void fs__shm_release(fs__shm_t *s, int forked);

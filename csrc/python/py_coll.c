@@ -8,6 +8,7 @@
  */
 #include "fs_py.h"
 
+#include <string.h>
 #include <time.h>
 
 typedef struct {
@@ -25,23 +26,45 @@ static int comm_check_open(CommObject *self)
     return 0;
 }
 
+/* "auto" / None, "memfd", "named" -> enum fs_shm_kind. */
+static int parse_shm_kind(const char *v, int *kind)
+{
+    if (v == NULL || strcmp(v, "auto") == 0)
+        *kind = FS_SHM_AUTO;
+    else if (strcmp(v, "memfd") == 0)
+        *kind = FS_SHM_MEMFD;
+    else if (strcmp(v, "named") == 0)
+        *kind = FS_SHM_NAMED;
+    else {
+        PyErr_Format(PyExc_ValueError, "shm must be 'auto', 'memfd' or 'named', not '%s'", v);
+        return -1;
+    }
+    return 0;
+}
+
+/* Comm(handle, rank, world_size, ...): rank 0 passes None and creates, the others open. */
 static PyObject *Comm_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {
-        "name",       "rank",        "world_size", "timeout",  "connect_timeout",
-        "slot_bytes", "oneshot_max", "spin_ns",    "yield_ns", "worker",
-        NULL};
-    const char *name;
+    static char *kwlist[] = {"handle",          "rank",       "world_size",  "timeout",
+                             "connect_timeout", "slot_bytes", "oneshot_max", "spin_ns",
+                             "yield_ns",        "worker",     "shm",         NULL};
+    const char *handle, *shm = NULL;
     int rank, world, worker = 1;
     PyObject *timeout = Py_None, *connect_timeout = Py_None;
     Py_ssize_t slot_bytes = 0, oneshot_max = 0;
     long long spin_ns = -1, yield_ns = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sii|$OOnnLLp", kwlist, &name, &rank, &world,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "zii|$OOnnLLpz", kwlist, &handle, &rank, &world,
                                      &timeout, &connect_timeout, &slot_bytes, &oneshot_max,
-                                     &spin_ns, &yield_ns, &worker))
+                                     &spin_ns, &yield_ns, &worker, &shm))
         return NULL;
     if (slot_bytes < 0 || oneshot_max < 0) {
         PyErr_SetString(PyExc_ValueError, "slot_bytes and oneshot_max must be >= 0");
+        return NULL;
+    }
+    if ((rank == 0) != (handle == NULL)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "rank 0 passes handle=None (it creates the segment); the others pass "
+                        "rank 0's Comm.handle");
         return NULL;
     }
     fs_comm_opts_t opts;
@@ -49,7 +72,8 @@ static PyObject *Comm_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     /* None: the C defaults (0); math.inf: no limit (the deadline saturates). */
     if (fs_py_timeout_ms(timeout, "timeout", 0, INT64_MAX, 1, &opts.timeout_ms) < 0 ||
         fs_py_timeout_ms(connect_timeout, "connect_timeout", 0, INT64_MAX, 1,
-                         &opts.connect_timeout_ms) < 0)
+                         &opts.connect_timeout_ms) < 0 ||
+        parse_shm_kind(shm, &opts.shm) < 0)
         return NULL;
     opts.slot_bytes = (size_t)slot_bytes;
     opts.oneshot_max = (size_t)oneshot_max;
@@ -62,7 +86,8 @@ static PyObject *Comm_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     fs_error_t err;
     fs_error_clear(&err);
     PyThreadState *ts = PyEval_SaveThread();
-    int rc = fs_comm_create(name, rank, world, &opts, &self->comm, &err);
+    int rc = handle == NULL ? fs_comm_create(world, &opts, &self->comm, &err)
+                            : fs_comm_open(handle, rank, world, &opts, &self->comm, &err);
     PyEval_RestoreThread(ts);
     if (rc != FS_OK) {
         Py_DECREF(self);
@@ -107,6 +132,45 @@ static PyObject *Comm_close(CommObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* One blocking call on the communicator, with the GIL released: what join, run and wait
+   share. `busy` counts it, so that close() waits for it before the memory goes. */
+enum blocking_call { CALL_JOIN, CALL_RUN, CALL_WAIT };
+
+struct blocking_args {
+    const fs_coll_args_t *coll; /* CALL_RUN */
+    uint64_t ticket;            /* CALL_WAIT */
+    int64_t timeout_ms;
+};
+
+static PyObject *call_blocking(CommObject *self, enum blocking_call what,
+                               const struct blocking_args *a)
+{
+    fs_error_t err;
+    fs_error_clear(&err);
+    fs_comm_t *c = self->comm;
+    int rc;
+    self->busy++;
+    PyThreadState *ts = PyEval_SaveThread();
+    switch (what) {
+    case CALL_JOIN: rc = fs_comm_join(c, &err); break;
+    case CALL_RUN: rc = fs_comm_run(c, a->coll, &err); break;
+    default: rc = fs_comm_wait(c, a->ticket, a->timeout_ms, &err); break;
+    }
+    PyEval_RestoreThread(ts);
+    self->busy--;
+    if (rc != FS_OK)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
+/* join(): wait until every rank joined. */
+static PyObject *Comm_join(CommObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (comm_check_open(self) < 0)
+        return NULL;
+    return call_blocking(self, CALL_JOIN, NULL);
+}
+
 /* Parse (kind, dtype, op, root, send_ptr, recv_ptr, count) into args. */
 static int parse_coll(PyObject *args, fs_coll_args_t *a)
 {
@@ -139,17 +203,8 @@ static PyObject *Comm_run(CommObject *self, PyObject *args)
     fs_coll_args_t a;
     if (comm_check_open(self) < 0 || parse_coll(args, &a) < 0)
         return NULL;
-    fs_error_t err;
-    fs_error_clear(&err);
-    fs_comm_t *c = self->comm;
-    self->busy++;
-    PyThreadState *ts = PyEval_SaveThread();
-    int rc = fs_comm_run(c, &a, &err);
-    PyEval_RestoreThread(ts);
-    self->busy--;
-    if (rc != FS_OK)
-        return fs_py_raise(&err);
-    Py_RETURN_NONE;
+    struct blocking_args b = {.coll = &a};
+    return call_blocking(self, CALL_RUN, &b);
 }
 
 /* submit(kind, dtype, op, root, send_ptr, recv_ptr, count) -> ticket (runs on the worker). */
@@ -174,20 +229,11 @@ static PyObject *Comm_wait(CommObject *self, PyObject *args)
     PyObject *timeout = Py_None;
     if (!PyArg_ParseTuple(args, "K|O", &ticket, &timeout) || comm_check_open(self) < 0)
         return NULL;
-    int64_t timeout_ms = -1; /* None and math.inf: no limit */
-    if (fs_py_timeout_ms(timeout, "timeout", -1, -1, 0, &timeout_ms) < 0)
+    struct blocking_args b = {.ticket = (uint64_t)ticket, .timeout_ms = -1};
+    /* None and math.inf: no limit */
+    if (fs_py_timeout_ms(timeout, "timeout", -1, -1, 0, &b.timeout_ms) < 0)
         return NULL;
-    fs_error_t err;
-    fs_error_clear(&err);
-    fs_comm_t *c = self->comm;
-    self->busy++;
-    PyThreadState *ts = PyEval_SaveThread();
-    int rc = fs_comm_wait(c, (uint64_t)ticket, timeout_ms, &err);
-    PyEval_RestoreThread(ts);
-    self->busy--;
-    if (rc != FS_OK)
-        return fs_py_raise(&err);
-    Py_RETURN_NONE;
+    return call_blocking(self, CALL_WAIT, &b);
 }
 
 static PyObject *Comm_completed(CommObject *self, PyObject *Py_UNUSED(ignored))
@@ -239,12 +285,22 @@ static PyObject *Comm_get_world_size(CommObject *self, void *Py_UNUSED(closure))
     return PyLong_FromLong(fs_comm_world_size(self->comm));
 }
 
+static PyObject *Comm_get_handle(CommObject *self, void *Py_UNUSED(closure))
+{
+    if (comm_check_open(self) < 0)
+        return NULL;
+    return PyUnicode_FromString(fs_comm_handle(self->comm));
+}
+
 static PyObject *Comm_get_closed(CommObject *self, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(self->comm == NULL);
 }
 
 static PyMethodDef Comm_methods[] = {
+    {"join", (PyCFunction)Comm_join, METH_NOARGS,
+     "join(): wait until every rank joined (TimeoutError, or ConnectionError-like errors "
+     "naming the rank that died); needed before any collective"},
     {"run", (PyCFunction)Comm_run, METH_VARARGS,
      "run(kind, dtype, op, root, send_ptr, recv_ptr, count): one collective, blocking "
      "(after the queued ones)"},
@@ -269,6 +325,8 @@ static PyGetSetDef Comm_getset[] = {
     {"rank", (getter)Comm_get_rank, NULL, "this rank", NULL},
     {"world_size", (getter)Comm_get_world_size, NULL, "number of ranks", NULL},
     {"closed", (getter)Comm_get_closed, NULL, "True after close()", NULL},
+    {"handle", (getter)Comm_get_handle, NULL,
+     "rank 0's handle of the segment: what the other ranks pass to Comm()", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -277,25 +335,16 @@ static PyTypeObject CommType = {
     .tp_basicsize = sizeof(CommObject),
     .tp_dealloc = (destructor)Comm_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Comm(name, rank, world_size, *, timeout=None, connect_timeout=None, "
-              "slot_bytes=0, oneshot_max=0, spin_ns=-1, yield_ns=-1, worker=True): a "
-              "shared-memory "
-              "communicator of the ranks of one machine (rank 0 creates the segment `name`, "
-              "from comm_make_name()).",
+    .tp_doc = "Comm(handle, rank, world_size, *, timeout=None, connect_timeout=None, "
+              "slot_bytes=0, oneshot_max=0, spin_ns=-1, yield_ns=-1, worker=True, shm='auto'): "
+              "a shared-memory communicator of the ranks of one machine. Rank 0 passes "
+              "handle=None and creates the segment (shm: 'memfd', 'named', or 'auto': "
+              "$FASTSPAWN_SHM, else memfd); the others pass rank 0's .handle; then every "
+              "rank calls join().",
     .tp_methods = Comm_methods,
     .tp_getset = Comm_getset,
     .tp_new = Comm_new,
 };
-
-static PyObject *py_comm_make_name(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
-{
-    char name[FS_COMM_NAME_MAX];
-    fs_error_t err;
-    fs_error_clear(&err);
-    if (fs_comm_make_name(name, sizeof name, &err) != FS_OK)
-        return fs_py_raise(&err);
-    return PyUnicode_FromString(name);
-}
 
 static PyObject *py_reduce_isa(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
@@ -311,8 +360,6 @@ static PyObject *py_reduce_supported(PyObject *Py_UNUSED(m), PyObject *args)
 }
 
 static PyMethodDef coll_functions[] = {
-    {"comm_make_name", py_comm_make_name, METH_NOARGS,
-     "comm_make_name() -> a fresh random shared-memory segment name"},
     {"reduce_isa", py_reduce_isa, METH_NOARGS,
      "reduce_isa() -> the reduction kernels' instruction set ('avx512f', 'avx2', 'default')"},
     {"reduce_supported", py_reduce_supported, METH_VARARGS,

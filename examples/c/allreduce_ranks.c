@@ -1,9 +1,10 @@
 /*
  * allreduce_ranks.c - libfastspawn from a C program that never loads Python: the
  * launcher forks NRANKS supervised ranks (watched by the process's guardian) and starts a
- * rendezvous store; rank 0 makes a shared-memory communicator and publishes its name
- * through the store; every rank joins it, all-reduces a vector and reports its checksum
- * on its report pipe; the launcher waits for every rank and checks the reports.
+ * rendezvous store; rank 0 creates a shared-memory communicator and publishes its handle
+ * through the store, the others open it from there; every rank joins it, all-reduces a vector and
+ * reports its checksum on its report pipe; the launcher waits for every rank and checks the
+ * reports.
  *
  *   make ctest   (builds it against build/clib-dev/libfastspawn.a and runs it)
  */
@@ -32,23 +33,34 @@ static int rank_main(int rank, int port, const char *token, int report_fd)
     fs_store_client_t *store = NULL;
     if (fs_store_connect(&so, &store, &err) != FS_OK)
         return fail("fs_store_connect", &err);
-    char name[FS_COMM_NAME_MAX];
+    fs_comm_t *comm = NULL;
     if (rank == 0) {
-        if (fs_comm_make_name(name, sizeof name, &err) != FS_OK ||
-            fs_store_set(store, "comm/name", name, strlen(name) + 1, FS_STORE_DEFAULT_TIMEOUT,
-                         &err) != FS_OK)
-            return fail("publishing the segment name", &err);
+        int rc = fs_comm_create(NRANKS, NULL, &comm, &err);
+        if (rc == FS_OK) {
+            const char *handle = fs_comm_handle(comm);
+            rc = fs_store_set(store, "comm/handle", handle, strlen(handle) + 1,
+                              FS_STORE_DEFAULT_TIMEOUT, &err);
+        }
+        if (rc != FS_OK) {
+            fs_comm_destroy(comm);
+            return fail("creating the communicator", &err);
+        }
     } else {
         void *v = NULL;
         size_t n = 0;
-        if (fs_store_get(store, "comm/name", &v, &n, FS_STORE_DEFAULT_TIMEOUT, &err) != FS_OK)
+        if (fs_store_get(store, "comm/handle", &v, &n, FS_STORE_DEFAULT_TIMEOUT, &err) != FS_OK)
             return fail("fs_store_get", &err);
-        snprintf(name, sizeof name, "%s", (const char *)v);
+        int rc = n > 0 && ((const char *)v)[n - 1] == '\0'
+                     ? fs_comm_open(v, rank, NRANKS, NULL, &comm, &err)
+                     : fs_error_set(&err, FS_EPROTO, "the handle is not a string");
         free(v);
+        if (rc != FS_OK)
+            return fail("fs_comm_open", &err);
     }
-    fs_comm_t *comm = NULL;
-    if (fs_comm_create(name, rank, NRANKS, NULL, &comm, &err) != FS_OK)
-        return fail("fs_comm_create", &err);
+    if (fs_comm_join(comm, &err) != FS_OK) {
+        fs_comm_destroy(comm);
+        return fail("fs_comm_join", &err);
+    }
     float *x = malloc(COUNT * sizeof *x);
     if (x == NULL)
         return 1;

@@ -428,20 +428,35 @@ def _close_all() -> None:
             pass
 
 
-def _exchange_name(store, rank: int, world_size: int) -> str:
-    """Rank 0 picks the segment name; the others read it from the store.
+def _exchange_handle(store, rank: int, world_size: int, **comm_kw) -> "_C.Comm":
+    """Rank 0 creates the segment and publishes its handle; the others open it from
+    the store; then every rank joins. Returns the joined communicator.
 
-    A generation counter keeps a reused store (same prefix) from handing out the
-    name of an earlier, already unlinked, segment.
+    A handle is good only until every rank joined (rank 0 then closes the segment's
+    descriptor), so rank 0 deletes the key then. A generation counter keeps a reused
+    store (same prefix) from handing out the handle of an earlier group's segment.
     """
     generation = (store.add("fastspawn/shm_joins", 1) - 1) // world_size
-    key = f"fastspawn/shm_name/{generation}"
+    key = f"fastspawn/shm_handle/{generation}"
     if rank == 0:
-        name = _C.comm_make_name()
-        store.set(key, name)
-        return name
-    value = store.get(key)
-    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+        comm = _C.Comm(None, 0, world_size, **comm_kw)
+    else:
+        value = store.get(key)
+        handle = value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+        comm = _C.Comm(handle, rank, world_size, **comm_kw)
+    try:
+        if rank == 0:
+            store.set(key, comm.handle)
+        comm.join()
+    except BaseException:
+        comm.close()  # peers waiting in join hear of it at once
+        raise
+    if rank == 0:
+        try:
+            store.delete_key(key)  # every rank has read it
+        except (RuntimeError, NotImplementedError):
+            pass  # a store that cannot delete keeps a dead handle; the generation skips it
+    return comm
 
 
 class ProcessGroupFastspawn(dist.ProcessGroup):
@@ -455,8 +470,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         for key, env in _COMM_ENV.items():
             if key not in comm_kw and os.environ.get(env):
                 comm_kw[key] = int(os.environ[env])
-        name = _exchange_name(store, rank, world_size)
-        comm = _C.Comm(name, rank, world_size, timeout=seconds, connect_timeout=seconds, **comm_kw)
+        comm = _exchange_handle(store, rank, world_size, timeout=seconds, connect_timeout=seconds,
+                                **comm_kw)
         self._engine = _Engine(comm, pin_works=not _torch_keeps_python_works())
         _live_engines.add(self._engine)
         weakref.finalize(self, self._engine.close)

@@ -5,18 +5,28 @@
  * checks its own results against a scalar reference computed in the same rank
  * order (so "equal to the reference" also means "bit-identical across ranks").
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 
 #include "fastspawn.h"
 #include "fs_test.h"
+#include "shm.h" /* the handle format, to forge bad ones */
 
 /* ------------------------------------------------------------------ */
 /* Helpers: random data, reference reduction                          */
@@ -263,15 +273,163 @@ static void *shared_page(size_t bytes)
     return p;
 }
 
-/* Fork `world` ranks that each create the communicator and run fn; returns failed ranks. */
+/* ------------------------------------------------------------------ */
+/* What a test may leave: /dev/shm entries, fds, memfds                */
+/* ------------------------------------------------------------------ */
+
+#define SHM_LIST_MAX 512
+struct shm_list {
+    int n;
+    char names[SHM_LIST_MAX][256];
+};
+
+/* A name this library makes: "fastspawn-" and 32 hex digits. Other jobs on the machine
+   (older builds named theirs "fastspawn-<pid>-<hex>") may come and go meanwhile. */
+static int our_shm_name(const char *n)
+{
+    return strncmp(n, "fastspawn-", 10) == 0 && strlen(n) == 10 + 32 &&
+           strspn(n + 10, "0123456789abcdef") == 32;
+}
+
+/* The entries of /dev/shm this library may have made. */
+static void shm_snapshot(struct shm_list *l)
+{
+    l->n = 0;
+    DIR *d = opendir("/dev/shm");
+    struct dirent *e;
+    while (d != NULL && (e = readdir(d)) != NULL && l->n < SHM_LIST_MAX) {
+        if (our_shm_name(e->d_name))
+            snprintf(l->names[l->n++], sizeof l->names[0], "%s", e->d_name);
+    }
+    if (d != NULL)
+        closedir(d);
+}
+
+/* How many such entries of /dev/shm were not there in `before` (each printed). */
+static int shm_new_entries(const struct shm_list *before)
+{
+    static struct shm_list now; /* 128 KB: not on a rank's stack */
+    shm_snapshot(&now);
+    int fresh = 0;
+    for (int i = 0; i < now.n; i++) {
+        int seen = 0;
+        for (int j = 0; j < before->n && !seen; j++)
+            seen = strcmp(now.names[i], before->names[j]) == 0;
+        if (!seen) {
+            fprintf(stderr, "  new in /dev/shm: %s\n", now.names[i]);
+            fresh++;
+        }
+    }
+    return fresh;
+}
+
+static int open_fd_count(void)
+{
+    int n = 0;
+    DIR *d = opendir("/proc/self/fd");
+    while (d != NULL && readdir(d) != NULL)
+        n++;
+    if (d != NULL)
+        closedir(d);
+    return n;
+}
+
+/* fds of this process that are a fastspawn memfd. */
+static int memfd_fds(void)
+{
+    char path[300], link[128];
+    int found = 0;
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *e;
+    while (d != NULL && (e = readdir(d)) != NULL) {
+        snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
+        ssize_t n = readlink(path, link, sizeof link - 1);
+        if (n > 0) {
+            link[n] = '\0';
+            found += strncmp(link, "/memfd:fastspawn", 16) == 0;
+        }
+    }
+    if (d != NULL)
+        closedir(d);
+    return found;
+}
+
+/* 1 if this process still maps a fastspawn memfd. */
+static int maps_memfd(void)
+{
+    char line[512];
+    int found = 0;
+    FILE *maps = fopen("/proc/self/maps", "r");
+    while (maps != NULL && fgets(line, sizeof line, maps) != NULL)
+        found |= strstr(line, "/memfd:fastspawn") != NULL;
+    if (maps != NULL)
+        fclose(maps);
+    return found;
+}
+
+/* ------------------------------------------------------------------ */
+/* Communicators of forked ranks                                      */
+/* ------------------------------------------------------------------ */
+
+/* Rank 0's handle, passed to the other ranks through a shared page (as a store would). */
+struct rendezvous {
+    _Atomic int state;  /* 0: not yet, 1: handle valid, -1: rank 0 failed */
+    _Atomic int opened; /* ranks past fs_comm_open */
+    char handle[FS_COMM_HANDLE_MAX];
+};
+
+static int wait_handle(struct rendezvous *rv, fs_error_t *err)
+{
+    int64_t until = fs_now_ms() + 20000;
+    while (atomic_load(&rv->state) == 0 && fs_now_ms() < until)
+        usleep(200);
+    if (atomic_load(&rv->state) != 1)
+        return fs_error_set(err, FS_ETIMEOUT, "no handle from rank 0");
+    return FS_OK;
+}
+
+/* Rank r's communicator, attached but not joined: rank 0 creates it and posts the handle,
+   the others open it. */
+static int attach_comm(struct rendezvous *rv, int r, int world, const fs_comm_opts_t *opts,
+                       fs_comm_t **c, fs_error_t *err)
+{
+    int rc;
+    if (r == 0) {
+        rc = fs_comm_create(world, opts, c, err);
+        if (rc == FS_OK)
+            snprintf(rv->handle, sizeof rv->handle, "%s", fs_comm_handle(*c));
+        atomic_store(&rv->state, rc == FS_OK ? 1 : -1);
+        return rc;
+    }
+    rc = wait_handle(rv, err);
+    if (rc == FS_OK)
+        rc = fs_comm_open(rv->handle, r, world, opts, c, err);
+    atomic_fetch_add(&rv->opened, 1);
+    return rc;
+}
+
+/* attach_comm, then join; no rank holds an fd of the segment once joined. */
+static int make_comm(struct rendezvous *rv, int r, int world, const fs_comm_opts_t *opts,
+                     fs_comm_t **c, fs_error_t *err)
+{
+    int rc = attach_comm(rv, r, world, opts, c, err);
+    if (rc == FS_OK && (rc = fs_comm_join(*c, err)) != FS_OK) {
+        fs_comm_destroy(*c);
+        *c = NULL;
+    }
+    if (rc == FS_OK)
+        FS_CHECK_EQ(memfd_fds(), 0);
+    return rc;
+}
+
+/* Fork `world` ranks that each make the communicator and run fn; returns failed ranks.
+   Every rank checks that destroying left it no fd and no memfd; nothing may be left in
+   /dev/shm. */
 static int run_ranks(int world, const fs_comm_opts_t *opts, rank_fn fn, void *arg)
 {
-    char name[FS_COMM_NAME_MAX];
-    fs_error_t err;
-    if (fs_comm_make_name(name, sizeof name, &err) != FS_OK) {
-        fprintf(stderr, "make_name: %s\n", err.msg);
-        return world;
-    }
+    static struct shm_list before;
+    shm_snapshot(&before);
+    struct rendezvous *rv = shared_page(sizeof *rv);
     pid_t pids[16];
     fflush(NULL);
     for (int r = 0; r < world; r++) {
@@ -281,14 +439,18 @@ static int run_ranks(int world, const fs_comm_opts_t *opts, rank_fn fn, void *ar
             exit(2);
         }
         if (pids[r] == 0) {
+            fs_error_t err;
             fs_comm_t *c = NULL;
-            int rc = fs_comm_create(name, r, world, opts, &c, &err);
+            int fds = open_fd_count();
+            int rc = make_comm(rv, r, world, opts, &c, &err);
             if (rc != FS_OK) {
-                fprintf(stderr, "  rank %d: fs_comm_create: %s\n", r, err.msg);
+                fprintf(stderr, "  rank %d: making the communicator: %s\n", r, err.msg);
                 exit(3);
             }
             int bad = fn(c, r, world, arg);
             fs_comm_destroy(c);
+            FS_CHECK_EQ(open_fd_count(), fds);
+            FS_CHECK(!maps_memfd());
             fflush(NULL);
             exit(bad != 0 || fs_test_failed_checks != 0 ? 1 : 0);
         }
@@ -304,12 +466,17 @@ static int run_ranks(int world, const fs_comm_opts_t *opts, rank_fn fn, void *ar
             failed++;
         }
     }
-    /* Nothing may be left in /dev/shm. */
-    int fd = shm_open(name, O_RDONLY, 0);
-    FS_CHECK(fd < 0 && errno == ENOENT);
-    if (fd >= 0)
-        close(fd);
+    FS_CHECK_EQ(shm_new_entries(&before), 0);
+    munmap(rv, sizeof *rv);
     return failed;
+}
+
+/* Defaults, with this kind of segment and connect timeout. */
+static void kind_opts(fs_comm_opts_t *o, int kind, int64_t connect_timeout_ms)
+{
+    fs_comm_opts_init(o);
+    o->shm = kind;
+    o->connect_timeout_ms = connect_timeout_ms;
 }
 
 static void small_opts(fs_comm_opts_t *o)
@@ -977,58 +1144,401 @@ FS_TEST(coll_peer_dies_during_large_messages)
 /* Creation                                                           */
 /* ------------------------------------------------------------------ */
 
-FS_TEST(comm_create_missing_rank_times_out_and_unlinks)
+FS_TEST(comm_join_missing_rank_times_out_and_leaves_nothing)
 {
-    char name[FS_COMM_NAME_MAX];
-    fs_error_t err;
-    FS_CHECK_OK(fs_comm_make_name(name, sizeof name, &err), &err);
-    fs_comm_opts_t o;
-    fs_comm_opts_init(&o);
-    o.connect_timeout_ms = 300;
-    fs_comm_t *c = NULL;
-    int64_t t0 = fs_now_ms();
-    FS_CHECK_EQ(fs_comm_create(name, 0, 3, &o, &c, &err), FS_ETIMEOUT);
-    FS_CHECK(c == NULL);
-    FS_CHECK(fs_now_ms() - t0 < 1000);
-    FS_CHECK(strstr(err.msg, "1, 2") != NULL);
-    int fd = shm_open(name, O_RDONLY, 0);
-    FS_CHECK(fd < 0 && errno == ENOENT);
-    /* a rank whose rank 0 never comes */
-    FS_CHECK_EQ(fs_comm_create(name, 1, 3, &o, &c, &err), FS_ETIMEOUT);
-    FS_CHECK(strstr(err.msg, "rank 0") != NULL);
+    static struct shm_list before;
+    for (int kind = FS_SHM_MEMFD; kind <= FS_SHM_NAMED; kind++) {
+        shm_snapshot(&before);
+        int fds = open_fd_count();
+        fs_error_t err;
+        fs_comm_opts_t o;
+        kind_opts(&o, kind, 300);
+        fs_comm_t *c = NULL, *p = NULL;
+        FS_CHECK_OK(fs_comm_create(3, &o, &c, &err), &err);
+        if (c == NULL)
+            return;
+        char handle[FS_COMM_HANDLE_MAX];
+        snprintf(handle, sizeof handle, "%s", fs_comm_handle(c));
+        int64_t t0 = fs_now_ms();
+        FS_CHECK_EQ(fs_comm_join(c, &err), FS_ETIMEOUT);
+        FS_CHECK(fs_now_ms() - t0 < 1000);
+        FS_CHECK(strstr(err.msg, "1, 2") != NULL);
+        FS_CHECK_EQ(fs_comm_join(c, &err), FS_EABORTED); /* only destroying it is left */
+        fs_comm_destroy(c);
+        FS_CHECK_EQ(open_fd_count(), fds);
+        FS_CHECK_EQ(shm_new_entries(&before), 0);
+        /* a rank with the handle of a rank 0 that is gone */
+        FS_CHECK_EQ(fs_comm_open(handle, 1, 3, &o, &p, &err), FS_EPEER);
+        FS_CHECK(p == NULL && strstr(err.msg, "rank 0") != NULL);
+        FS_CHECK_EQ(open_fd_count(), fds);
+    }
 }
 
-static int world_mismatch_child(const char *name, int rank, int world)
+FS_TEST(comm_open_world_size_mismatch)
 {
+    fs_error_t err;
     fs_comm_opts_t o;
     fs_comm_opts_init(&o);
     o.connect_timeout_ms = 2000;
     fs_comm_t *c = NULL;
-    fs_error_t err;
-    int rc = fs_comm_create(name, rank, world, &o, &c, &err);
-    if (rank == 1)
-        printf("  %s\n", err.msg);
-    fs_comm_destroy(c);
-    return rc;
-}
-
-FS_TEST(comm_create_world_size_mismatch)
-{
-    char name[FS_COMM_NAME_MAX];
-    fs_error_t err;
-    FS_CHECK_OK(fs_comm_make_name(name, sizeof name, &err), &err);
+    FS_CHECK_OK(fs_comm_create(2, &o, &c, &err), &err);
+    if (c == NULL)
+        return;
     fflush(NULL);
     pid_t p = fork();
-    if (p == 0)
-        exit(world_mismatch_child(name, 1, 3) == FS_EMISMATCH ? 0 : 1);
+    if (p == 0) {
+        fs_comm_t *d = NULL;
+        int rc = fs_comm_open(fs_comm_handle(c), 1, 3, &o, &d, &err);
+        printf("  %s\n", err.msg);
+        fflush(NULL);
+        _exit(rc == FS_EMISMATCH && d == NULL ? 0 : 1);
+    }
     int64_t t0 = fs_now_ms();
-    int rc = world_mismatch_child(name, 0, 2);
-    FS_CHECK_EQ(rc, FS_EMISMATCH); /* rank 0 hears of it at once, no timeout */
+    FS_CHECK_EQ(fs_comm_join(c, &err), FS_EMISMATCH); /* rank 0 hears of it at once */
     FS_CHECK(fs_now_ms() - t0 < 1500);
     int st = 0;
     FS_CHECK(waitpid(p, &st, 0) == p && WIFEXITED(st) && WEXITSTATUS(st) == 0);
-    int fd = shm_open(name, O_RDONLY, 0);
-    FS_CHECK(fd < 0 && errno == ENOENT);
+    fs_comm_destroy(c);
+}
+
+/* Flip the first hex digit of the handle's cookie (its last field). */
+static void flip_cookie(char *handle)
+{
+    char *c = strrchr(handle, ':') + 1;
+    *c = *c == '0' ? '1' : '0';
+}
+
+/* Rank 1 of a 2-rank job with rank 0 in the parent: open, join, one barrier. */
+static void barrier_child(const char *handle, const fs_comm_opts_t *o)
+{
+    fs_error_t err;
+    fs_comm_t *c = NULL;
+    int ok = fs_comm_open(handle, 1, 2, o, &c, &err) == FS_OK && fs_comm_join(c, &err) == FS_OK &&
+             fs_barrier(c, &err) == FS_OK;
+    if (!ok)
+        fprintf(stderr, "  rank 1: %s\n", err.msg);
+    fs_comm_destroy(c);
+    fflush(NULL);
+    _exit(ok ? 0 : 1);
+}
+
+FS_TEST(comm_open_cookie_mismatch_is_refused_and_touches_nothing)
+{
+    static struct shm_list before;
+    for (int kind = FS_SHM_MEMFD; kind <= FS_SHM_NAMED; kind++) {
+        shm_snapshot(&before);
+        fs_error_t err;
+        fs_comm_opts_t o;
+        kind_opts(&o, kind, 10000);
+        fs_comm_t *c = NULL, *p = NULL;
+        FS_CHECK_OK(fs_comm_create(2, &o, &c, &err), &err);
+        if (c == NULL)
+            return;
+        char bad[FS_COMM_HANDLE_MAX];
+        snprintf(bad, sizeof bad, "%s", fs_comm_handle(c));
+        flip_cookie(bad);
+        FS_CHECK_EQ(fs_comm_open(bad, 1, 2, &o, &p, &err), FS_EAUTH);
+        FS_CHECK(p == NULL && strstr(err.msg, "cookie mismatch") != NULL);
+        printf("  %s\n", err.msg);
+        FS_CHECK_EQ(fs_comm_status(c, &err), FS_OK); /* no abort written, no name removed */
+        fflush(NULL);
+        pid_t child = fork();
+        if (child == 0)
+            barrier_child(fs_comm_handle(c), &o);
+        FS_CHECK_OK(fs_comm_join(c, &err), &err);
+        FS_CHECK_OK(fs_barrier(c, &err), &err);
+        int st = 0;
+        FS_CHECK(waitpid(child, &st, 0) == child && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+        fs_comm_destroy(c);
+        FS_CHECK_EQ(shm_new_entries(&before), 0);
+    }
+}
+
+/* A memfd handle of this process naming fd, with the cookie of `real`. */
+static void forge_memfd_handle(char *out, size_t len, const char *real, int fd)
+{
+    snprintf(out, len, FS__SEG_MEMFD_PREFIX "%d:%d:%s", (int)getpid(), fd, strrchr(real, ':') + 1);
+}
+
+FS_TEST(comm_open_refuses_a_file_that_is_not_a_segment_memfd)
+{
+    fs_error_t err;
+    fs_comm_t *c = NULL, *p = NULL;
+    fs_comm_opts_t o;
+    kind_opts(&o, FS_SHM_MEMFD, 0);
+    FS_CHECK_OK(fs_comm_create(2, &o, &c, &err), &err);
+    if (c == NULL)
+        return;
+    char path[] = "/tmp/fs-test-XXXXXX";
+    int file = mkstemp(path), pipe_fds[2] = {-1, -1};
+    FS_CHECK(file >= 0 && unlink(path) == 0 && ftruncate(file, 1 << 20) == 0);
+    FS_CHECK(pipe(pipe_fds) == 0);
+    int zero = open("/dev/zero", O_RDWR);
+    int unsealed = memfd_create("fastspawn", MFD_CLOEXEC); /* our name, no seals */
+    FS_CHECK(unsealed >= 0 && ftruncate(unsealed, 1 << 20) == 0);
+    int targets[] = {file, pipe_fds[0], zero, unsealed};
+    for (size_t i = 0; i < sizeof targets / sizeof targets[0]; i++) {
+        char forged[FS_COMM_HANDLE_MAX];
+        forge_memfd_handle(forged, sizeof forged, fs_comm_handle(c), targets[i]);
+        FS_CHECK_EQ(fs_comm_open(forged, 1, 2, &o, &p, &err), FS_EPROTO);
+        FS_CHECK(p == NULL && (strstr(err.msg, "not a fastspawn segment") != NULL ||
+                               strstr(err.msg, "without fastspawn's seals") != NULL));
+        printf("  %s\n", err.msg);
+    }
+    FS_CHECK_EQ(fs_comm_status(c, &err), FS_OK);
+    close(file);
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    close(zero);
+    close(unsealed);
+    fs_comm_destroy(c);
+}
+
+/* Rank 1 of 3, in a job whose rank 0 is killed while rank 1 waits in fs_comm_join:
+   FS_EPEER at once, and rank 1 keeps no fd or mapping of the segment. */
+static int orphan_rank(struct rendezvous *rv, const fs_comm_opts_t *o)
+{
+    fs_error_t err;
+    fs_comm_t *c = NULL;
+    int fds = open_fd_count();
+    if (attach_comm(rv, 1, 3, o, &c, &err) != FS_OK) {
+        fprintf(stderr, "  rank 1: %s\n", err.msg);
+        return 1;
+    }
+    int rc = fs_comm_join(c, &err);
+    printf("  rank 1: %s\n", err.msg);
+    fflush(NULL);
+    fs_comm_destroy(c);
+    return rc == FS_EPEER && strstr(err.msg, "rank 0") != NULL && open_fd_count() == fds &&
+                   !maps_memfd()
+               ? 0
+               : 1;
+}
+
+/* Rank 0 of 3: create, post the handle, wait in join for a rank 2 that never comes. */
+static void waiting_rank0(struct rendezvous *rv, const fs_comm_opts_t *o)
+{
+    fs_error_t err;
+    fs_comm_t *c = NULL;
+    if (attach_comm(rv, 0, 3, o, &c, &err) == FS_OK)
+        (void)fs_comm_join(c, &err);
+    _exit(5);
+}
+
+static int wait_opened(struct rendezvous *rv, int n)
+{
+    int64_t until = fs_now_ms() + 10000;
+    while (atomic_load(&rv->opened) < n && fs_now_ms() < until)
+        usleep(1000);
+    usleep(150000); /* the openers are waiting in fs_comm_join by now */
+    return atomic_load(&rv->opened) >= n;
+}
+
+FS_TEST(comm_rank0_killed_during_setup_leaves_nothing)
+{
+    static struct shm_list before;
+    for (int kind = FS_SHM_MEMFD; kind <= FS_SHM_NAMED; kind++) {
+        shm_snapshot(&before);
+        struct rendezvous *rv = shared_page(sizeof *rv);
+        fs_comm_opts_t o;
+        kind_opts(&o, kind, 20000); /* a wait for the deadline would fail the 2 s check */
+        fflush(NULL);
+        pid_t r0 = fork();
+        if (r0 == 0)
+            waiting_rank0(rv, &o);
+        pid_t r1 = fork();
+        if (r1 == 0) {
+            fflush(NULL);
+            _exit(orphan_rank(rv, &o));
+        }
+        FS_CHECK(wait_opened(rv, 1));
+        FS_CHECK(kill(r0, SIGKILL) == 0);
+        int64_t t0 = fs_now_ms();
+        int st = 0;
+        FS_CHECK(waitpid(r0, &st, 0) == r0 && WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+        FS_CHECK(waitpid(r1, &st, 0) == r1 && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+        FS_CHECK(fs_now_ms() - t0 < 2000);
+        FS_CHECK_EQ(shm_new_entries(&before), 0);
+        munmap(rv, sizeof *rv);
+    }
+}
+
+/* The launcher: fork ranks 0 and 1 of 3 that die with it (PR_SET_PDEATHSIG), then idle. */
+static void launcher(struct rendezvous *rv, const fs_comm_opts_t *o)
+{
+    pid_t me = getpid();
+    for (int r = 0; r < 2; r++) {
+        if (fork() != 0)
+            continue;
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != me)
+            _exit(9);
+        if (r == 0)
+            waiting_rank0(rv, o);
+        fs_error_t err;
+        fs_comm_t *c = NULL;
+        if (attach_comm(rv, 1, 3, o, &c, &err) == FS_OK)
+            (void)fs_comm_join(c, &err);
+        _exit(5);
+    }
+    for (;;)
+        pause();
+}
+
+FS_TEST(comm_launcher_killed_during_setup_leaves_nothing)
+{
+    /* Only the memfd: a named segment is left behind when every rank dies before joining. */
+    static struct shm_list before;
+    shm_snapshot(&before);
+    FS_CHECK(prctl(PR_SET_CHILD_SUBREAPER, 1) == 0); /* the orphaned ranks become ours */
+    struct rendezvous *rv = shared_page(sizeof *rv);
+    fs_comm_opts_t o;
+    kind_opts(&o, FS_SHM_MEMFD, 20000);
+    fflush(NULL);
+    pid_t l = fork();
+    if (l == 0)
+        launcher(rv, &o);
+    FS_CHECK(wait_opened(rv, 1));
+    FS_CHECK(kill(l, SIGKILL) == 0);
+    int st = 0, killed = 0;
+    FS_CHECK(waitpid(l, &st, 0) == l);
+    pid_t p;
+    while ((p = waitpid(-1, &st, 0)) > 0) /* both ranks, SIGKILLed by their death signal */
+        killed += WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL;
+    FS_CHECK_EQ(killed, 2);
+    FS_CHECK_EQ(shm_new_entries(&before), 0);
+}
+
+/* Make memfd_create fail with ENOSYS here, as in a sandbox without it (native syscalls
+   only: the filter does not look at the architecture). */
+static int refuse_memfd_create(void)
+{
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_memfd_create, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {.len = sizeof f / sizeof f[0], .filter = f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+        return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) == 0 ? 0 : -1;
+}
+
+/* World size 1: create and join; the handle's kind, what /dev/shm held meanwhile. */
+static void one_rank(const fs_comm_opts_t *o, const char *prefix, int shm_entries)
+{
+    static struct shm_list before;
+    shm_snapshot(&before);
+    fs_error_t err;
+    fs_comm_t *c = NULL;
+    FS_CHECK_OK(fs_comm_create(1, o, &c, &err), &err);
+    if (c == NULL)
+        return;
+    FS_CHECK(strncmp(fs_comm_handle(c), prefix, strlen(prefix)) == 0);
+    FS_CHECK_EQ(shm_new_entries(&before), shm_entries);
+    FS_CHECK_OK(fs_comm_join(c, &err), &err);
+    FS_CHECK_EQ(shm_new_entries(&before), 0);
+    FS_CHECK_EQ(memfd_fds(), 0);
+    FS_CHECK_OK(fs_barrier(c, &err), &err);
+    fs_comm_destroy(c);
+}
+
+FS_TEST(comm_segment_kinds_and_the_environment)
+{
+    fs_comm_opts_t o;
+    fs_comm_opts_init(&o);
+    one_rank(&o, FS__SEG_MEMFD_PREFIX, 0); /* the default: nothing in /dev/shm ever */
+    o.shm = FS_SHM_NAMED;
+    one_rank(&o, FS__SEG_NAMED_PREFIX, 1); /* until every rank joined */
+    o.shm = FS_SHM_AUTO;
+    setenv("FASTSPAWN_SHM", "named", 1);
+    one_rank(&o, FS__SEG_NAMED_PREFIX, 1);
+    setenv("FASTSPAWN_SHM", "memfd", 1);
+    one_rank(&o, FS__SEG_MEMFD_PREFIX, 0);
+    setenv("FASTSPAWN_SHM", "tmpfs", 1);
+    fs_error_t err;
+    fs_comm_t *c = NULL;
+    FS_CHECK_EQ(fs_comm_create(1, &o, &c, &err), FS_EINVAL);
+    FS_CHECK(c == NULL && strstr(err.msg, "FASTSPAWN_SHM=tmpfs") != NULL);
+    unsetenv("FASTSPAWN_SHM");
+    o.shm = 7;
+    FS_CHECK_EQ(fs_comm_create(1, &o, &c, &err), FS_EINVAL);
+}
+
+FS_TEST(comm_named_segment_says_nothing_and_is_private)
+{
+    fs_error_t err;
+    fs_comm_opts_t o;
+    fs_comm_opts_init(&o);
+    o.shm = FS_SHM_NAMED;
+    mode_t old = umask(0277); /* the owner could not even write: the segment must not care */
+    fs_comm_t *c = NULL;
+    FS_CHECK_OK(fs_comm_create(1, &o, &c, &err), &err);
+    umask(old);
+    if (c == NULL)
+        return;
+    char name[FS_COMM_HANDLE_MAX], path[FS_COMM_HANDLE_MAX + 16];
+    snprintf(name, sizeof name, "%s", fs_comm_handle(c) + strlen(FS__SEG_NAMED_PREFIX));
+    *strrchr(name, ':') = '\0';
+    /* "/fastspawn-" and 32 random hex digits: no pid, and not the cookie */
+    FS_CHECK(strncmp(name, "/fastspawn-", 11) == 0 && strlen(name) == 11 + 32 &&
+             strspn(name + 11, "0123456789abcdef") == 32);
+    FS_CHECK(strcmp(name + 11, strrchr(fs_comm_handle(c), ':') + 1) != 0);
+    snprintf(path, sizeof path, "/dev/shm%s", name);
+    struct stat st;
+    FS_CHECK(stat(path, &st) == 0 && (st.st_mode & 0777) == 0600);
+    FS_CHECK_OK(fs_comm_join(c, &err), &err);
+    FS_CHECK(stat(path, &st) < 0 && errno == ENOENT);
+    fs_comm_destroy(c);
+}
+
+FS_TEST(comm_named_fallback_where_memfd_create_is_refused)
+{
+    if (refuse_memfd_create() != 0) {
+        printf("  (no seccomp here: skipped)\n");
+        return;
+    }
+    fs_comm_opts_t o;
+    fs_comm_opts_init(&o);
+    one_rank(&o, FS__SEG_NAMED_PREFIX, 1);
+    fs_error_t err;
+    fs_comm_t *c = NULL;
+    o.shm = FS_SHM_MEMFD; /* asked for explicitly: no fallback */
+    FS_CHECK_EQ(fs_comm_create(1, &o, &c, &err), FS_ESYS);
+    FS_CHECK(c == NULL && strstr(err.msg, "memfd_create") != NULL &&
+             strstr(err.msg, "FASTSPAWN_SHM=named") != NULL);
+    printf("  %s\n", err.msg);
+}
+
+/* A 1 MiB /dev/shm of this test process's own (Docker's is 64 MB): 0, or -1 where that
+   takes more than this process may (root, mount namespaces). */
+static int small_dev_shm(void)
+{
+    if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
+        return -1;
+    return mount("tmpfs", "/dev/shm", "tmpfs", 0, "size=1m");
+}
+
+FS_TEST(comm_reserves_its_memory_so_a_full_dev_shm_is_an_error_not_sigbus)
+{
+    if (small_dev_shm() != 0) {
+        printf("  (needs root and a mount namespace: skipped)\n");
+        return;
+    }
+    static struct shm_list empty;
+    fs_error_t err;
+    fs_comm_opts_t o;
+    kind_opts(&o, FS_SHM_NAMED, 0);
+    o.slot_bytes = 4 << 20;
+    fs_comm_t *c = NULL;
+    FS_CHECK_EQ(fs_comm_create(2, &o, &c, &err), FS_ENOMEM);
+    printf("  %s\n", err.msg);
+    FS_CHECK(c == NULL && strstr(err.msg, "8.0 MiB") != NULL && strstr(err.msg, "/dev/shm") &&
+             strstr(err.msg, "--shm-size") != NULL && strstr(err.msg, "FASTSPAWN_SLOT_BYTES"));
+    FS_CHECK_EQ(shm_new_entries(&empty), 0);
+    o.shm = FS_SHM_MEMFD; /* not /dev/shm's memory */
+    FS_CHECK_OK(fs_comm_create(2, &o, &c, &err), &err);
+    fs_comm_destroy(c);
 }
 
 static int nothing_rank(fs_comm_t *c, int me, int N, void *arg)
@@ -1042,11 +1552,51 @@ static int nothing_rank(fs_comm_t *c, int me, int N, void *arg)
 
 FS_TEST(comm_create_validates_arguments)
 {
+    static const char *bad[] = {
+        "",
+        "noslash",
+        "memfd:",
+        "memfd:12:3:",
+        "memfd:12:3:zz",
+        "memfd:0:3:00112233445566778899aabbccddeeff",
+        "memfd:-1:3:00112233445566778899aabbccddeeff",
+        "memfd: 12:3:00112233445566778899aabbccddeeff",
+        "memfd:12:3:00112233445566778899aabbccddeef",
+        "memfd:12:3:00112233445566778899aabbccddeeff0",
+        "memfd:12:3:00112233445566778899AABBCCDDEEFF",
+        "memfd:99999999999:3:00112233445566778899aabbccddeeff",
+        "named:fastspawn-x:00112233445566778899aabbccddeeff",
+        "named:/a/b:00112233445566778899aabbccddeeff",
+        "named:/:00112233445566778899aabbccddeeff",
+        "shm:/x:00112233445566778899aabbccddeeff",
+    };
     fs_comm_t *c = NULL;
     fs_error_t err;
-    FS_CHECK_EQ(fs_comm_create("noslash", 0, 2, NULL, &c, &err), FS_EINVAL);
-    FS_CHECK_EQ(fs_comm_create("/x", 2, 2, NULL, &c, &err), FS_EINVAL);
-    FS_CHECK_EQ(fs_comm_create("/x", 0, 0, NULL, &c, &err), FS_EINVAL);
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        FS_CHECK_EQ(fs_comm_open(bad[i], 1, 2, NULL, &c, &err), FS_EINVAL);
+        FS_CHECK(c == NULL);
+    }
+    char longer[300];
+    memset(longer, 'a', sizeof longer - 1);
+    longer[sizeof longer - 1] = '\0';
+    FS_CHECK_EQ(fs_comm_open(longer, 1, 2, NULL, &c, &err), FS_EINVAL);
+    const char *ok = "memfd:12:3:00112233445566778899aabbccddeeff";
+    FS_CHECK_EQ(fs_comm_open(ok, 0, 2, NULL, &c, &err), FS_EINVAL); /* rank 0 creates */
+    FS_CHECK_EQ(fs_comm_open(ok, 2, 2, NULL, &c, &err), FS_EINVAL);
+    FS_CHECK_EQ(fs_comm_open(NULL, 1, 2, NULL, &c, &err), FS_EINVAL);
+    FS_CHECK_EQ(fs_comm_create(0, NULL, &c, &err), FS_EINVAL);
+    FS_CHECK_EQ(fs_comm_create(2, NULL, NULL, &err), FS_EINVAL);
+    /* collectives wait for the join, and there is one join */
+    FS_CHECK_OK(fs_comm_create(2, NULL, &c, &err), &err);
+    int32_t x[4] = {0};
+    FS_CHECK_EQ(fs_allreduce(c, x, x, 4, FS_INT32, FS_SUM, &err), FS_EINVAL);
+    FS_CHECK(strstr(err.msg, "fs_comm_join") != NULL);
+    fs_comm_destroy(c);
+    FS_CHECK_OK(fs_comm_create(1, NULL, &c, &err), &err);
+    FS_CHECK_OK(fs_comm_join(c, &err), &err);
+    FS_CHECK_EQ(fs_comm_join(c, &err), FS_EINVAL);
+    FS_CHECK_OK(fs_allreduce(c, x, x, 4, FS_INT32, FS_SUM, &err), &err);
+    fs_comm_destroy(c);
     FS_CHECK_EQ(run_ranks(4, NULL, nothing_rank, NULL), 0);
 }
 
@@ -1085,13 +1635,22 @@ static int null_err_rank(fs_comm_t *c, int me, int N, void *arg)
 FS_TEST(coll_null_error_pointers_are_accepted)
 {
     fs_comm_t *c = NULL;
-    FS_CHECK_EQ(fs_comm_create("noslash", 0, 2, NULL, &c, NULL), FS_EINVAL);
+    FS_CHECK_EQ(fs_comm_open("noslash", 1, 2, NULL, &c, NULL), FS_EINVAL);
+    FS_CHECK_EQ(fs_comm_create(0, NULL, &c, NULL), FS_EINVAL);
     FS_CHECK_EQ(run_ranks(2, NULL, null_err_rank, NULL), 0);
 }
 
 FS_TEST(coll_invalid_arguments_do_not_break_the_communicator)
 {
     FS_CHECK_EQ(run_ranks(2, NULL, validate_rank, NULL), 0);
+}
+
+FS_TEST(coll_on_a_named_segment)
+{
+    fs_comm_opts_t o;
+    small_opts(&o);
+    o.shm = FS_SHM_NAMED;
+    FS_CHECK_EQ(run_ranks(3, &o, validate_rank, NULL), 0);
 }
 
 /* ------------------------------------------------------------------ */

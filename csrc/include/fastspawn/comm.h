@@ -17,10 +17,20 @@ extern "C" {
 #endif
 
 /*
- * A communicator joins the `world_size` ranks of one machine through one POSIX
- * shared-memory segment. Rank 0 creates it under a name from fs_comm_make_name()
- * (the caller passes the name to the other ranks, e.g. through a store); the
- * others open it. The name is unlinked as soon as every rank has mapped it.
+ * A communicator joins the `world_size` ranks of one machine through one
+ * shared-memory segment, in two steps:
+ *
+ *   rank 0:      fs_comm_create(world_size, ...)   makes the segment; then the
+ *                caller passes fs_comm_handle() to the others (e.g. through a store)
+ *   ranks 1..:   fs_comm_open(handle, rank, ...)   maps it
+ *   every rank:  fs_comm_join()                    waits until every rank has
+ *
+ * The handle is an opaque string (shorter than FS_COMM_HANDLE_MAX) that is only
+ * meaningful on this machine until every rank joined. By default the segment has
+ * no name anywhere (a memfd, opened by the peers through rank 0's /proc entry),
+ * so nothing can be left behind, whoever dies when; its memory is reserved at
+ * creation, so a full /dev/shm or memory cgroup is an error there, never a SIGBUS
+ * later (see fs_comm_opts_t.shm for the named fallback).
  *
  * Every collective is run by every rank in the same order with matching
  * arguments; a mismatch (kind, dtype, op, count, root) is FS_EMISMATCH on every
@@ -92,18 +102,28 @@ int fs_reduce_supported(int dtype, int op);
 
 /* Defaults for the options below that are left <= 0. */
 #define FS_COMM_DEFAULT_TIMEOUT_MS (30LL * 60 * 1000) /* per collective: 30 minutes */
-#define FS_COMM_DEFAULT_CONNECT_TIMEOUT_MS 60000LL    /* fs_comm_create: 60 s */
+#define FS_COMM_DEFAULT_CONNECT_TIMEOUT_MS 60000LL    /* fs_comm_join: 60 s */
 #define FS_COMM_DEFAULT_LIVENESS_MS 100LL             /* a sleeping waiter checks peers */
+
+/* Where rank 0 makes the segment (fs_comm_opts_t.shm). */
+enum fs_shm_kind {
+    FS_SHM_AUTO = 0,  /* $FASTSPAWN_SHM ("memfd", "named", "auto"); unset or "auto": a
+                         memfd, or a named segment where memfd_create is refused */
+    FS_SHM_MEMFD = 1, /* memfd_create: no name; the memory counts against the memory cgroup */
+    FS_SHM_NAMED = 2  /* shm_open in /dev/shm (mode 0600), unlinked once every rank joined:
+                         a rank killed before that leaves the name behind */
+};
 
 typedef struct fs_comm_opts {
     int64_t timeout_ms;         /* per collective; <= 0: FS_COMM_DEFAULT_TIMEOUT_MS */
-    int64_t connect_timeout_ms; /* fs_comm_create; <= 0: FS_COMM_DEFAULT_CONNECT_TIMEOUT_MS */
+    int64_t connect_timeout_ms; /* fs_comm_join; <= 0: FS_COMM_DEFAULT_CONNECT_TIMEOUT_MS */
     size_t slot_bytes;          /* shared buffer per rank (two halves); 0: default */
     size_t oneshot_max;         /* one-shot all_reduce up to this many bytes; 0: default */
     int64_t spin_ns;            /* spin with pause first; < 0: automatic (cores vs ranks) */
     int64_t yield_ns;           /* then poll with sched_yield before sleeping; < 0: automatic */
     int64_t liveness_ms;        /* how often a sleeping waiter checks peers; <= 0: default */
     int no_worker;              /* 1: no worker thread (fs_comm_submit is refused) */
+    int shm;                    /* enum fs_shm_kind (rank 0 only; the handle tells the rest) */
 } fs_comm_opts_t;
 
 /* The defaults above; spin_ns and yield_ns automatic. */
@@ -111,21 +131,37 @@ void fs_comm_opts_init(fs_comm_opts_t *opts);
 
 typedef struct fs_comm fs_comm_t;
 
-#define FS_COMM_NAME_MAX 64
-/* A fresh random segment name ("/fastspawn-<hex>") into buf (>= FS_COMM_NAME_MAX). */
-int fs_comm_make_name(char *buf, size_t len, fs_error_t *err);
+#define FS_COMM_HANDLE_MAX 128
 
 /*
- * Join the communicator: rank 0 creates the segment `name`, the others open it
- * (waiting up to connect_timeout_ms for it to appear). Returns once every rank
- * has mapped it. opts may be NULL (defaults).
+ * Rank 0: create the segment for world_size ranks (sized by opts, its memory
+ * reserved: FS_ENOMEM, with what to do, when there is not enough), count rank 0 as
+ * joined and return without waiting. Pass fs_comm_handle(*out) to the other ranks,
+ * then call fs_comm_join. opts may be NULL (defaults).
  */
-int fs_comm_create(const char *name, int rank, int world_size, const fs_comm_opts_t *opts,
-                   fs_comm_t **out, fs_error_t *err);
+int fs_comm_create(int world_size, const fs_comm_opts_t *opts, fs_comm_t **out, fs_error_t *err);
+/*
+ * Ranks 1..world_size-1: map the segment of rank 0's handle and check it (a handle of
+ * another machine, pid namespace or job is an error, and nothing of that file is
+ * touched). Returns without waiting; call fs_comm_join next. Rank 0's slot_bytes and
+ * oneshot_max win; this rank's timeouts and waiting options are its own.
+ */
+int fs_comm_open(const char *handle, int rank, int world_size, const fs_comm_opts_t *opts,
+                 fs_comm_t **out, fs_error_t *err);
+/* The handle of the communicator's segment (rank 0's, on every rank). */
+const char *fs_comm_handle(const fs_comm_t *comm);
+/*
+ * Every rank, once: announce this rank and wait up to connect_timeout_ms until every
+ * rank has (a joined rank that dies meanwhile is FS_EPEER at once). Then rank 0
+ * closes its descriptor of the segment and the mappings alone keep its memory.
+ * Collectives need a joined communicator. On failure the peers are told
+ * (FS_EABORTED) and the communicator can only be destroyed.
+ */
+int fs_comm_join(fs_comm_t *comm, fs_error_t *err);
 /*
  * Leave: queued collectives still run (each within its own deadline), then the
  * worker stops and the segment is unmapped. Peers that later wait for this
- * rank get FS_EPEER. NULL is a no-op. In a child forked after fs_comm_create
+ * rank get FS_EPEER. NULL is a no-op. In a child forked after fs_comm_create/open
  * the communicator cannot be used (calls fail with FS_EINVAL); destroying it
  * there only frees the child's copy and leaves the parent's rank alone.
  */
