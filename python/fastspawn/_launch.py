@@ -524,8 +524,9 @@ class ProcessContext:
         # takes the ranks off the guardian and reaps those it forked; then the zygote
         # may reap its own (it kills what is left once more: they are its children).
         self._group.close()
-        if self._zygote is not None:
-            self._zygote.release(self._zygote_pids)
+        zygote = getattr(self, "_zygote", None)  # (a finaliser may see a half-made context)
+        if zygote is not None:
+            zygote.release(self._zygote_pids)
             self._zygote = None
 
     def __del__(self) -> None:
