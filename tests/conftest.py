@@ -172,6 +172,7 @@ def _helpers():
     if z is not None:
         pids.add(z.proc.pid)
         fds.add(str(z.conn.fileno()))  # a test may restart the zygote on purpose
+        fds.add(str(z.pidfd))  # the guardian's registration of it
     pids.add(fastspawn._C.guardian_pid())
     pids.add(getattr(forkserver._forkserver, "_forkserver_pid", None))
     pids.add(getattr(resource_tracker._resource_tracker, "_pid", None))

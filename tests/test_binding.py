@@ -39,9 +39,13 @@ def test_info_is_a_named_7_tuple_with_pidfd_and_setup_error():
             group.wait(5)
         done = group.info(0)
         assert (done.state, done.exit_code, done.order, done.gone) == (_C.PROC_EXITED, 3, 1, 1)
-        assert done.pidfd == -1 and done.setup_error is None
+        assert done.pidfd >= 0 and done.setup_error is None  # open until the group closes
+        # Not reaped: the zombie keeps its pid (its group's id) the job's until the close.
+        assert os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     finally:
         group.close()
+    with pytest.raises(ChildProcessError):  # the close reaped it
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
 
 
 @pytest.mark.parametrize("step, what", [("setpgid", "setpgid(0, 0)"),

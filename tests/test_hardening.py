@@ -89,16 +89,23 @@ def _can_unshare_pid() -> bool:
 @pytest.mark.skipif(not _can_unshare_pid(), reason="needs root and unshare --pid")
 @pytest.mark.parametrize("mode", ["stop", "guardian"])
 def test_reused_pid_of_a_finished_rank_is_not_killed(mode):
-    # Before: a rank that finished early stayed watched; once its pid was reused
-    # by an unrelated process leading its own group, the supervisor's stop (when
-    # another rank failed) or the guardian (when the launcher was SIGKILLed)
-    # SIGKILLed that process group.
+    # Before: a rank that finished early was reaped but stayed watched; once its
+    # pid was reused by an unrelated process leading its own group, the
+    # supervisor's stop (when another rank failed) or the guardian (when the
+    # launcher was SIGKILLed) SIGKILLed that process group.
+    # Now (see pid_reuse_scenario.py): the job keeps the rank unreaped, so its pid
+    # cannot be reused while the job lives (stop); and after the launcher's death,
+    # with the pid really reused, the guardian checks the leader's pidfd and
+    # leaves the reused group alone, while still killing the live rank's worker.
     script = os.path.join(os.path.dirname(__file__), "pid_reuse_scenario.py")
     env = dict(os.environ, PYTHONPATH=PACKAGE_DIR)
     out = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, script,
                           mode], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "survived", out.stdout + out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "survived", out.stdout + out.stderr
+    reuse = "reuse: blocked" if mode == "stop" else "reuse: forced"
+    assert any(line.startswith(reuse) for line in lines), out.stdout
 
 
 # -- the store under a hostile or careless client (issue 8, findings 3 and 4) --------

@@ -497,6 +497,46 @@ def test_sigterm_forwarded_and_launcher_dies_by_it(tmp_path):
     assert wait_gone(pids, 10) == []
 
 
+def leave_a_worker(i, path, go, fail):
+    # Rank 0 starts a worker in its process group (a DataLoader worker that outlives
+    # it) and returns; rank 1 waits for the test, then succeeds or fails.
+    if i == 0:
+        worker = subprocess.Popen(["sleep", "120"])
+        with open(path + ".tmp", "w") as fh:
+            fh.write(str(worker.pid))
+        os.rename(path + ".tmp", path)
+        return
+    assert go.wait(60)
+    if fail:
+        raise RuntimeError("rank 1 fails")
+
+
+@pytest.mark.parametrize("method", ["fork", "zygote",
+                                    pytest.param("spawn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("end", ["success", "failure"])
+def test_worker_of_a_finished_rank_dies_with_the_job(tmp_path, method, end):
+    # The rank is kept unreaped until the job ends, so its process group is still the
+    # job's then: what is left of it is killed, when the job succeeds (before: the
+    # worker was left running) and when another rank fails (the stop).
+    path = str(tmp_path / "worker")
+    go = fastspawn.get_context(method).Event()
+    ctx = fastspawn.start_processes(leave_a_worker, (path, go, end == "failure"), 2,
+                                   join=False, start_method=method)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker = int(open(path).read())
+    assert wait_gone([ctx.pids()[0]], 30) == []  # rank 0 has ended (and is not reaped)
+    assert pid_alive(worker)  # a rank's own end does not touch its group
+    go.set()
+    if end == "failure":
+        with pytest.raises(fastspawn.ProcessRaisedException):
+            ctx.join(60)
+    else:
+        assert ctx.join(60)
+    assert wait_gone([worker], 10) == []
+
+
 def test_no_zombies_after_join(no_leaks):
     fastspawn.spawn(times, args=(1,), nprocs=4, start_method="fork")
     for pid in children_of(os.getpid()):

@@ -1,7 +1,7 @@
 /*
  * core.c - the internal helpers every part of the library shares (internal.h): the
- * monotonic clock, sleeping, closing fds, pidfd_open, getrandom, mutexes and condition
- * variables, and starting a library thread with signals blocked.
+ * monotonic clock, sleeping, closing fds, pidfd_open and pidfd_send_signal, getrandom,
+ * mutexes and condition variables, and starting a library thread with signals blocked.
  */
 #include <errno.h>
 #include <limits.h>
@@ -17,6 +17,9 @@
 
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
 #endif
 
 int64_t fs__now_ns(void)
@@ -81,6 +84,11 @@ int fs__pidfd_open(pid_t pid)
     if (errno == ENOSYS || errno == EPERM)
         return FS__NO_PIDFD;
     return -1;
+}
+
+int fs__pidfd_send_signal(int pidfd, int sig)
+{
+    return syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0) < 0 ? -1 : 0;
 }
 
 int fs__getrandom(void *buf, size_t len)

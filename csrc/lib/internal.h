@@ -60,6 +60,10 @@ void fs__closep(int *fd);
    the process is gone). */
 #define FS__NO_PIDFD (-2)
 int fs__pidfd_open(pid_t pid);
+/* pidfd_send_signal(pidfd, sig, NULL, 0): 0, or -1 with errno. sig 0 sends nothing and
+   tells whether the process is still unreaped (a zombie counts): ESRCH once it was reaped,
+   whatever process now has its number. Async-signal-safe. */
+int fs__pidfd_send_signal(int pidfd, int sig);
 
 /* Fill buf with len random bytes from getrandom(), retrying EINTR and short reads.
    Returns 0, or -1 with errno. */

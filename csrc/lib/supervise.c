@@ -9,6 +9,12 @@
  *
  * The child side of fs_group_fork (async-signal-safe only) is child.c's; a child whose
  * set-up failed leaves a record in its report pipe, decoded here (finish_exit).
+ *
+ * Pid safety (supervise.h): ranks we forked are not reaped when they exit (waitid with
+ * WNOWAIT reads the status), so their pid, which is their process group's id, stays the
+ * job's until fs_group_free releases them (release_rank). Every signal goes through
+ * signal_rank: to the group only while the rank is unreaped (leader_unreaped), to the
+ * rank itself through its pidfd.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -60,13 +66,19 @@ static int epoll_watch(fs_group_t *g, int fd, int kind, int index, fs_error_t *e
     return FS_OK;
 }
 
+/* Remove fd from the epoll set (it stays open). */
+static void epoll_unwatch(fs_group_t *g, int fd)
+{
+    if (fd >= 0 && g->epfd >= 0)
+        (void)epoll_ctl(g->epfd, EPOLL_CTL_DEL, fd, NULL); /* ENOENT: never added, or gone */
+}
+
 /* Remove fd from the epoll set, then close it. close() alone is not enough: a
    forked child may still hold a copy of the file description, and epoll then
    keeps reporting it under the old (now reused or closed) number. */
 static void unwatch_close(fs_group_t *g, int *fd)
 {
-    if (*fd >= 0 && g->epfd >= 0)
-        (void)epoll_ctl(g->epfd, EPOLL_CTL_DEL, *fd, NULL); /* ENOENT: never added */
+    epoll_unwatch(g, *fd);
     fs__closep(fd);
 }
 
@@ -197,7 +209,9 @@ static void record_exit(fs_group_t *g, fs_proc_t *p, int wait_status)
         p->exit_order = ++g->exits_seen;
     g->events++; /* also when the pidfd already counted: the status is news */
     p->gone = 1;
-    unwatch_close(g, &p->pidfd);
+    /* Out of the epoll set (a child's pidfd stays readable until it is reaped), but open:
+       it tells, until the group is freed, whether the rank is still unreaped. */
+    epoll_unwatch(g, p->pidfd);
 }
 
 /* Convert a waitid() siginfo into a wait(2)-style status. */
@@ -222,28 +236,42 @@ static int finish_exit(fs_group_t *g, fs_proc_t *p, int wait_status, fs_error_t 
     return rc;
 }
 
+/*
+ * Our child's exit status, read without reaping it (WNOWAIT): the zombie keeps its pid
+ * and group id the job's until release_rank. By pidfd, or by pid where there is none.
+ * Returns 1 with *status when it has exited, 0 when not yet, or a negative code.
+ */
+static int peek_child_exit(const fs_proc_t *p, int *status, fs_error_t *err)
+{
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    idtype_t idtype = p->pidfd >= 0 ? (idtype_t)P_PIDFD : P_PID;
+    id_t id = p->pidfd >= 0 ? (id_t)p->pidfd : (id_t)p->pid;
+    while (waitid(idtype, id, &si, WEXITED | WNOHANG | WNOWAIT) < 0) {
+        if (errno != EINTR)
+            return fs_error_sys(err, "waitid(pid %d)", (int)p->pid);
+    }
+    if (si.si_pid == 0)
+        return 0; /* not exited yet (a spurious wake-up) */
+    *status = status_from_siginfo(&si);
+    return 1;
+}
+
 static int on_pidfd_ready(fs_group_t *g, int index, fs_error_t *err)
 {
     fs_proc_t *p = &g->procs[index];
     if (!p->is_child) {
         /* Someone else reaps it; its status comes from the status fd or
            fs_group_set_exit(). Count the event so the caller can ask. */
-        unwatch_close(g, &p->pidfd);
+        epoll_unwatch(g, p->pidfd);
         mark_gone(g, p);
         return drain_report(g, p, err);
     }
-    siginfo_t si;
-    memset(&si, 0, sizeof si);
-    for (;;) {
-        if (waitid((idtype_t)P_PIDFD, (id_t)p->pidfd, &si, WEXITED | WNOHANG) == 0)
-            break;
-        if (errno == EINTR)
-            continue;
-        return fs_error_sys(err, "waitid(pid %d)", (int)p->pid);
-    }
-    if (si.si_pid == 0)
-        return FS_OK; /* spurious wake-up: not exited yet */
-    return finish_exit(g, p, status_from_siginfo(&si), err);
+    int status = 0;
+    int rc = peek_child_exit(p, &status, err);
+    if (rc <= 0)
+        return rc;
+    return finish_exit(g, p, status, err);
 }
 
 /* Kernels without pidfds: look at every such child without blocking. */
@@ -256,14 +284,11 @@ static int poll_fallback_children(fs_group_t *g, int *any_fallback, fs_error_t *
             continue;
         *any_fallback = 1;
         int status = 0;
-        pid_t r = waitpid(p->pid, &status, WNOHANG);
-        if (r < 0 && errno != EINTR)
-            return fs_error_sys(err, "waitpid(%d)", (int)p->pid);
-        if (r == p->pid) {
-            int rc = finish_exit(g, p, status, err);
-            if (rc < 0)
-                return rc;
-        }
+        int rc = peek_child_exit(p, &status, err);
+        if (rc > 0)
+            rc = finish_exit(g, p, status, err);
+        if (rc < 0)
+            return rc;
     }
     return FS_OK;
 }
@@ -293,7 +318,7 @@ static int on_status_ready(fs_group_t *g, fs_error_t *err)
             unwatch_close(g, &g->status_fd);
             for (int i = 0; i < g->nprocs; i++) {
                 fs_proc_t *p = &g->procs[i];
-                if (p->state == FS_PROC_RUNNING && !p->is_child && p->pidfd < 0)
+                if (p->state == FS_PROC_RUNNING && !p->is_child && (p->gone || p->pidfd < 0))
                     (void)finish_exit(g, p, SIGKILL, err);
             }
             return FS_OK;
@@ -319,9 +344,13 @@ static int handle_event(fs_group_t *g, uint64_t data, fs_error_t *err)
     if (index < 0 || index >= g->nprocs)
         return fs_error_set(err, FS_EPROTO, "epoll event for unknown rank %d", index);
     fs_proc_t *p = &g->procs[index];
-    /* Events for an fd we already closed are stale: ignore them. */
+    /* Events for an fd we already closed, or took out of the set (a pidfd once its exit
+       was seen), are stale: ignore them. */
     switch (EV_KIND(data)) {
-    case EV_PIDFD: return p->pidfd < 0 ? FS_OK : on_pidfd_ready(g, index, err);
+    case EV_PIDFD:
+        return p->pidfd < 0 || p->state != FS_PROC_RUNNING || p->gone
+                   ? FS_OK
+                   : on_pidfd_ready(g, index, err);
     case EV_REPORT: return p->report_fd < 0 ? FS_OK : drain_report(g, p, err);
     case EV_STATUS: return g->status_fd < 0 ? FS_OK : on_status_ready(g, err);
     default:
@@ -412,7 +441,8 @@ int fs_group_adopt(fs_group_t *g, int index, pid_t pid, int is_child, fs_error_t
     p->state = FS_PROC_RUNNING;
     p->pidfd = fs__pidfd_open(pid);
     if (p->pidfd == FS__NO_PIDFD) {
-        p->pidfd = -1; /* kernels without pidfds: fs_group_wait polls waitpid */
+        p->pidfd = -1; /* kernels without pidfds: fs_group_wait polls waitid */
+        p->pidfd_missing = 1;
         return FS_OK;
     }
     if (p->pidfd < 0 && errno == ESRCH && !p->is_child) {
@@ -496,7 +526,7 @@ pid_t fs_group_fork(fs_group_t *g, int index, const fs_fork_opts_t *opts, int *r
         (void)setpgid(pid, pid);
     rc = fs_group_adopt(g, index, pid, 1, err);
     if (rc < 0) {
-        (void)kill(pid, SIGKILL);
+        (void)kill(pid, SIGKILL); /* our child, not reaped: the pid is still its own */
         (void)waitpid(pid, NULL, 0);
         return rc;
     }
@@ -517,13 +547,40 @@ int fs_group_setup_error(const fs_group_t *g, int index, fs_error_t *err)
                         fs_setup_step_name(p->setup_step));
 }
 
-/* ---- stopping ---------------------------------------------------------- */
+/* ---- signalling and stopping ------------------------------------------------ */
 
+/*
+ * 1 while the rank is known to be unreaped (exited or not), so its pid and process group
+ * id are still the job's. Its pidfd says so until it is reaped, whoever reaps it. Where
+ * the system has no pidfds: a child of ours is unreaped until release_rank; a rank another
+ * process reaps is assumed unreaped while its exit is not known (a residual risk there).
+ * A rank that was gone before it was adopted (no pidfd) never is.
+ */
+static int leader_unreaped(const fs_proc_t *p)
+{
+    if (p->state == FS_PROC_UNUSED)
+        return 0;
+    if (p->pidfd >= 0)
+        return fs__pidfd_send_signal(p->pidfd, 0) == 0 || errno == EPERM; /* EPERM: exists */
+    if (p->pidfd_missing)
+        return p->is_child || p->state == FS_PROC_RUNNING;
+    return 0;
+}
+
+/* sig to the rank's process group (its workers too) while the rank is unreaped; to the
+   rank alone, through its pidfd, when its group does not exist (yet). */
 static void signal_rank(fs_proc_t *p, int sig)
 {
-    /* The rank leads its own process group: this reaches its workers too. */
-    if (kill(-p->pid, sig) < 0 && errno == ESRCH)
-        (void)kill(p->pid, sig); /* not (yet) a group leader */
+    if (!leader_unreaped(p))
+        return; /* reaped: the numbers may be someone else's now */
+    if (kill(-p->pid, sig) == 0 || errno != ESRCH)
+        return;
+    /* ESRCH: not (yet) a group leader (a rank started by multiprocessing makes its group
+       itself). Its pid is still its own: no other process can hold an unreaped pid. */
+    if (p->pidfd >= 0)
+        (void)fs__pidfd_send_signal(p->pidfd, sig); /* ESRCH: reaped since, nothing sent */
+    else
+        (void)kill(p->pid, sig);
 }
 
 int fs_group_signal(fs_group_t *g, int sig, fs_error_t *err)
@@ -537,6 +594,19 @@ int fs_group_signal(fs_group_t *g, int sig, fs_error_t *err)
             p->killed_by_us = 1;
         }
     }
+    return FS_OK;
+}
+
+int fs_group_signal_rank(fs_group_t *g, int index, int sig, fs_error_t *err)
+{
+    int rc = check_index(g, index, err);
+    if (rc < 0)
+        return rc;
+    if (sig <= 0 || sig >= NSIG)
+        return fs_error_set(err, FS_EINVAL, "invalid signal number %d", sig);
+    fs_proc_t *p = &g->procs[index];
+    if (p->state == FS_PROC_RUNNING && !p->gone)
+        signal_rank(p, sig);
     return FS_OK;
 }
 
@@ -554,16 +624,12 @@ static int wait_all_until(fs_group_t *g, int64_t deadline, fs_error_t *err)
     return FS_OK;
 }
 
-/* SIGKILL what is left of every rank's process group (grandchildren too). */
+/* SIGKILL what is left of every rank's process group (grandchildren too), exited ranks'
+   included: signal_rank does it only while the rank is unreaped. */
 static void kill_rank_groups(fs_group_t *g)
 {
-    for (int i = 0; i < g->nprocs; i++) {
-        fs_proc_t *p = &g->procs[i];
-        if (p->state == FS_PROC_RUNNING)
-            signal_rank(p, SIGKILL);
-        else if (p->state == FS_PROC_EXITED)
-            (void)kill(-p->pid, SIGKILL); /* leftovers of an exited rank; ESRCH is fine */
-    }
+    for (int i = 0; i < g->nprocs; i++)
+        signal_rank(&g->procs[i], SIGKILL);
 }
 
 int fs_group_terminate(fs_group_t *g, int sig, int grace_ms, fs_error_t *err)
@@ -590,6 +656,46 @@ int fs_group_terminate(fs_group_t *g, int sig, int grace_ms, fs_error_t *err)
     return rc;
 }
 
+int fs_group_guard(fs_group_t *g, int index, fs_error_t *err)
+{
+    int rc = check_index(g, index, err);
+    if (rc < 0)
+        return rc;
+    fs_proc_t *p = &g->procs[index];
+    if (p->state == FS_PROC_UNUSED)
+        return fs_error_set(err, FS_EINVAL, "rank %d was not started", index);
+    if (p->guarded || (p->pidfd < 0 && !p->pidfd_missing))
+        return FS_OK; /* registered already, or gone before it was adopted */
+    rc = fs_guardian_default_watch(p->pid, p->pidfd, NULL, err);
+    if (rc == FS_OK)
+        p->guarded = 1;
+    return rc;
+}
+
+/*
+ * The end of a rank's life in the group, in this order: SIGKILL what is left of its
+ * process group while the rank is unreaped (its zombie still holds the group id), take
+ * it off the guardian, then reap it if it is ours. A rank still running here (it outlived
+ * fs_group_terminate's wait after SIGKILL) is not reaped: it stays our zombie.
+ */
+static void release_rank(fs_proc_t *p)
+{
+    if (p->state == FS_PROC_UNUSED)
+        return;
+    signal_rank(p, SIGKILL);
+    if (p->guarded)
+        (void)fs_guardian_default_unwatch(p->pid, NULL);
+    p->guarded = 0;
+    if (p->is_child && p->state == FS_PROC_EXITED) {
+        siginfo_t si;
+        memset(&si, 0, sizeof si);
+        idtype_t idtype = p->pidfd >= 0 ? (idtype_t)P_PIDFD : P_PID;
+        id_t id = p->pidfd >= 0 ? (id_t)p->pidfd : (id_t)p->pid;
+        while (waitid(idtype, id, &si, WEXITED | WNOHANG) < 0 && errno == EINTR) {
+        }
+    }
+}
+
 void fs_group_free(fs_group_t *g)
 {
     if (g == NULL)
@@ -600,6 +706,7 @@ void fs_group_free(fs_group_t *g)
         if (fs_group_running(g) > 0)
             (void)fs_group_terminate(g, 0, 0, &err);
         for (int i = 0; i < g->nprocs; i++) {
+            release_rank(&g->procs[i]);
             fs__closep(&g->procs[i].pidfd);
             fs__closep(&g->procs[i].report_fd);
         }

@@ -101,6 +101,20 @@ static PyObject *Group_adopt(GroupObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* guard(index): register the rank's process group with this process's guardian, with
+   its pidfd; close() unregisters it before reaping the rank. */
+static PyObject *Group_guard(GroupObject *self, PyObject *args)
+{
+    int index;
+    if (!PyArg_ParseTuple(args, "i", &index) || group_check_open(self) < 0)
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (fs_group_guard(self->group, index, &err) < 0)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Group_set_exit(GroupObject *self, PyObject *args)
 {
     int index, status;
@@ -186,8 +200,8 @@ static PyStructSequence_Field rank_info_fields[] = {
     {"order", "1 for the first rank seen to exit, 2 for the next, ...; 0 while it runs"},
     {"killed", "1 once the supervisor signalled it"},
     {"gone", "1 once its exit was seen, even if its status is still to come"},
-    {"pidfd", "(by name only) its pidfd, -1 if none: open while it runs, closed once its "
-              "exit is recorded or the group closes; os.dup() it to keep one (a sentinel)"},
+    {"pidfd", "(by name only) its pidfd, -1 if none: open until the group closes; os.dup() "
+              "it to keep one (a sentinel)"},
     {"setup_error", "(by name only) None, or why its child-side set-up failed: the step and "
                     "the errno (it then exited with 127)"},
     {NULL, NULL},
@@ -268,7 +282,22 @@ static PyObject *Group_signal(GroupObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* terminate(sig, grace_seconds): sig to every rank's group, grace, SIGKILL, reap. */
+/* signal_rank(index, sig): sig to one rank's process group while the rank is unreaped
+   (through its pidfd when its group does not exist); nothing once its exit was seen. */
+static PyObject *Group_signal_rank(GroupObject *self, PyObject *args)
+{
+    int index, sig;
+    if (!PyArg_ParseTuple(args, "ii", &index, &sig) || group_check_open(self) < 0)
+        return NULL;
+    fs_error_t err;
+    fs_error_clear(&err);
+    if (fs_group_signal_rank(self->group, index, sig, &err) < 0)
+        return fs_py_raise(&err);
+    Py_RETURN_NONE;
+}
+
+/* terminate(sig, grace_seconds): sig to every rank's group, grace, SIGKILL; statuses
+   collected (close() reaps). */
 static PyObject *Group_terminate(GroupObject *self, PyObject *args)
 {
     int sig;
@@ -310,6 +339,8 @@ static PyMethodDef Group_methods[] = {
      "prepare_report(index) -> write end of the rank's report pipe"},
     {"adopt", (PyCFunction)Group_adopt, METH_VARARGS,
      "adopt(index, pid, is_child): watch a rank started by other means"},
+    {"guard", (PyCFunction)Group_guard, METH_VARARGS,
+     "guard(index): the guardian kills the rank's group if this process dies"},
     {"set_exit", (PyCFunction)Group_set_exit, METH_VARARGS,
      "set_exit(index, wait_status): exit status of a rank reaped elsewhere"},
     {"attach_status_fd", (PyCFunction)Group_attach_status_fd, METH_VARARGS,
@@ -322,9 +353,12 @@ static PyMethodDef Group_methods[] = {
      "with .pidfd (-1 if none) and .setup_error (None or str) by name"},
     {"report", (PyCFunction)Group_report, METH_VARARGS, "report(index) -> bytes"},
     {"signal", (PyCFunction)Group_signal, METH_VARARGS, "signal(sig): to every running rank"},
+    {"signal_rank", (PyCFunction)Group_signal_rank, METH_VARARGS,
+     "signal_rank(index, sig): to one rank's process group, nothing once it has ended"},
     {"terminate", (PyCFunction)Group_terminate, METH_VARARGS,
-     "terminate(sig, grace): sig, wait grace seconds, SIGKILL, reap"},
-    {"close", (PyCFunction)Group_close, METH_NOARGS, "kill what runs, reap, free"},
+     "terminate(sig, grace): sig, wait grace seconds, SIGKILL"},
+    {"close", (PyCFunction)Group_close, METH_NOARGS,
+     "kill what runs and what is left of each rank's group, unregister, reap, free"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -340,14 +374,16 @@ static PyTypeObject GroupType = {
 
 /* ---- guardian ------------------------------------------------------- */
 
+/* guardian_watch(pgid, pidfd=-1) -> guardian pid: pidfd (the leader's) must stay open
+   until guardian_unwatch(pgid). */
 static PyObject *py_guardian_watch(PyObject *Py_UNUSED(m), PyObject *args)
 {
-    int pgid;
-    if (!PyArg_ParseTuple(args, "i", &pgid))
+    int pgid, pidfd = -1;
+    if (!PyArg_ParseTuple(args, "i|i", &pgid, &pidfd))
         return NULL;
     fs_error_t err;
     pid_t pid = 0;
-    if (fs_guardian_default_watch(pgid, &pid, &err) < 0)
+    if (fs_guardian_default_watch(pgid, pidfd, &pid, &err) < 0)
         return fs_py_raise(&err);
     return PyLong_FromLong(pid);
 }
@@ -363,8 +399,7 @@ static PyObject *py_guardian_unwatch(PyObject *Py_UNUSED(m), PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* guardian_restart(): after the guardian died, start a new one (the caller
-   registers its process groups again). */
+/* guardian_restart(): replace the guardian with a new one, told what is registered. */
 static PyObject *py_guardian_restart(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 {
     fs_error_t err;
@@ -372,6 +407,32 @@ static PyObject *py_guardian_restart(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED
     if (fs_guardian_default_restart(&pid, &err) < 0)
         return fs_py_raise(&err);
     return PyLong_FromLong(pid);
+}
+
+/* guardian_watched() -> tuple of the registered process groups. */
+static PyObject *py_guardian_watched(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    for (;;) {
+        size_t n = fs_guardian_default_watched(NULL, 0);
+        pid_t *pgids = PyMem_Malloc((n ? n : 1) * sizeof *pgids);
+        if (pgids == NULL)
+            return PyErr_NoMemory();
+        size_t got = fs_guardian_default_watched(pgids, n);
+        if (got > n) { /* registered meanwhile by another thread: again */
+            PyMem_Free(pgids);
+            continue;
+        }
+        PyObject *out = PyTuple_New((Py_ssize_t)got);
+        for (size_t i = 0; out != NULL && i < got; i++) {
+            PyObject *v = PyLong_FromLong((long)pgids[i]);
+            if (v == NULL)
+                Py_CLEAR(out);
+            else
+                PyTuple_SET_ITEM(out, (Py_ssize_t)i, v);
+        }
+        PyMem_Free(pgids);
+        return out;
+    }
 }
 
 static PyObject *py_guardian_pid(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
@@ -434,9 +495,11 @@ static PyObject *py_signal_name(PyObject *Py_UNUSED(m), PyObject *args)
 
 static PyMethodDef supervise_functions[] = {
     {"guardian_watch", py_guardian_watch, METH_VARARGS,
-     "guardian_watch(pgid) -> guardian pid; starts the guardian on first use"},
+     "guardian_watch(pgid, pidfd=-1) -> guardian pid; starts the guardian on first use"},
     {"guardian_unwatch", py_guardian_unwatch, METH_VARARGS, "guardian_unwatch(pgid)"},
-    {"guardian_restart", py_guardian_restart, METH_NOARGS, "start a new guardian"},
+    {"guardian_restart", py_guardian_restart, METH_NOARGS, "replace the guardian"},
+    {"guardian_watched", py_guardian_watched, METH_NOARGS,
+     "guardian_watched() -> the registered process groups"},
     {"guardian_pid", py_guardian_pid, METH_NOARGS, "this process's guardian pid or None"},
     {"fork_rank", py_fork_rank, METH_VARARGS,
      "fork_rank(new_process_group, death_signal, report_fd=-1) -> pid, 0 in the child"},

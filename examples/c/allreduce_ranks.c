@@ -81,8 +81,8 @@ static int rank_main(int rank, int port, const char *token, int report_fd)
 }
 
 /*
- * Fork the ranks, watched by the process's guardian; each waits for the store's port on
- * `go` (written once the server runs). Forking before any other thread exists keeps the
+ * Fork the ranks, watched by the process's guardian (fs_group_guard); each waits for the store's
+ * port on `go` (written once the server runs). Forking before any other thread exists keeps the
  * example safe under ASan too, whose allocator (GCC 12) is not fork-safe while another
  * thread allocates (glibc's malloc is).
  */
@@ -104,7 +104,7 @@ static int start_ranks(fs_group_t *group, const char *token, int *go_w, fs_error
                 _exit(1);
             _exit(rank_main(r, port, token, report_fd));
         }
-        rc = pid < 0 ? (int)pid : fs_guardian_default_watch(pid, NULL, err);
+        rc = pid < 0 ? (int)pid : fs_group_guard(group, r, err); /* fs_group_free unwatches */
     }
     close(go[0]);
     *go_w = go[1];

@@ -4,10 +4,19 @@ The C supervisor (fastspawn._C.Group) starts or adopts the ranks, watches them
 with pidfds in one epoll set, collects each rank's report, and stops them
 (signal to each rank's process group, grace period, SIGKILL, reap). A guardian
 process kills every rank's process group if this process dies, even by SIGKILL.
+
+Only the job's processes are signalled: a rank's process group id is its pid,
+which stays the job's only while the rank is unreaped. So every signal goes
+through the C layer, which signals a group only while the rank's pidfd says it
+is unreaped, and ranks are kept unreaped until the job's handle closes: forked
+ranks by the supervisor, zygote ranks by the zygote (until :meth:`Zygote.release`),
+spawn ranks by reading their status without reaping them. forkserver ranks are
+reaped by the forkserver at once; their groups are signalled only while they run.
 """
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -24,7 +33,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypedDict, Unpack, overload
 
-from . import _C, _child, _guardian, _mpcompat, _pickle, _rendezvous, _zygote
+from . import _C, _child, _mpcompat, _pickle, _rendezvous, _zygote
 from ._errors import OOM_HINT, ProcessExitedException, ProcessRaisedException, RankFailure
 from ._rankinfo import RankInfo
 from ._rendezvous import RankEnv
@@ -150,6 +159,20 @@ def _wait_status(exitcode: int) -> int:
     return (-exitcode) & 0x7F if exitcode < 0 else (exitcode & 0xFF) << 8
 
 
+def _peek_wait_status(pid: int) -> int | None:
+    """The wait status of our exited child ``pid``, read without reaping it (None if
+    it has not exited, or someone reaped it already)."""
+    try:
+        si = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if si is None:
+        return None
+    if si.si_code == os.CLD_EXITED:
+        return (si.si_status & 0xFF) << 8
+    return si.si_status & 0x7F
+
+
 class RankProcess:
     """A rank started by fork or the zygote, with what code uses of a
     ``multiprocessing.Process`` on ``ProcessContext.processes``: ``pid``, ``name``,
@@ -241,6 +264,9 @@ class ProcessContext:
         self._closed = False
         self._orphaned = False
         self._rendezvous: _rendezvous.Rendezvous | None = None
+        # The zygote that holds this job's ranks unreaped, and their pids (released at close).
+        self._zygote: _zygote.Zygote | None = None
+        self._zygote_pids: list[int] = []
         _live_contexts.add(self)
 
     # --- torch's API -------------------------------------------------
@@ -363,10 +389,8 @@ class ProcessContext:
         if not self._closed and self._exitcode(index) is None:
             pidfd = self._info(index).pidfd
             if pidfd >= 0:
-                return os.dup(pidfd)
-            # Not reaped yet (the supervisor reaps only in this thread's waits),
-            # so the pid is still this rank's.
-            return os.pidfd_open(self.processes[index].pid)
+                return os.dup(pidfd)  # the supervisor's, open until the group closes
+            raise OSError(errno.ENOSYS, "no sentinel: this system has no pidfds")
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         os.close(write_end)  # ended already: a pipe at EOF is readable at once
         return read_end
@@ -376,27 +400,29 @@ class ProcessContext:
         return [i for i in range(self.nprocs) if self._exitcode_now(i) is None]
 
     def _signal_one(self, index: int, sig: int) -> None:
+        # Through the C layer: the group only while the rank is unreaped (its pidfd).
         if self._closed or self._exitcode(index) is not None:
             return
-        pid = self.processes[index].pid
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        self._group.signal_rank(index, sig)
 
     def _sync_external(self) -> None:
-        """Ranks multiprocessing reaps: take their exit status from it."""
+        """Ranks multiprocessing reaps: take their exit status. A spawn rank is our
+        child: its status is read without reaping it, so its group id stays the job's
+        until close (multiprocessing reaps it then). A forkserver rank was reaped by
+        the forkserver already: its status comes from multiprocessing."""
         if self._mp_processes is None or self._closed:
             return
         for index, proc in enumerate(self._mp_processes):
             info = self._info(index)
-            if not info.exited and info.gone:
+            if info.exited or not info.gone:
+                continue
+            status = _peek_wait_status(proc.pid) if self.start_method == "spawn" else None
+            if status is None:
                 proc.join(5.0)
                 if proc.exitcode is not None:
-                    self._group.set_exit(index, _wait_status(proc.exitcode))
+                    status = _wait_status(proc.exitcode)
+            if status is not None:
+                self._group.set_exit(index, status)
 
     def _first_failure(self) -> int | None:
         first, first_order = None, None
@@ -482,12 +508,9 @@ class ProcessContext:
         if self._closed:
             return
         for index in range(self.nprocs):
-            info = self._info(index)
-            self._exit[index] = info.exitcode
-            if info.pid > 0:
-                _guardian.unwatch(info.pid)
+            self._exit[index] = self._info(index).exitcode
         self._closed = True
-        self._group.close()
+        self._release_ranks()
         if self._mp_processes is not None:
             # multiprocessing keeps ended children (and their sentinel pipes) in its
             # registry until someone asks; torch's ProcessContext leaves them there.
@@ -497,11 +520,21 @@ class ProcessContext:
             self._rendezvous = None
         _live_contexts.discard(self)
 
+    def _release_ranks(self) -> None:
+        # The group kills what runs and what is left of each rank's process group,
+        # takes the ranks off the guardian and reaps those it forked; then the zygote
+        # may reap its own (it kills what is left once more: they are its children).
+        self._group.close()
+        zygote = getattr(self, "_zygote", None)  # (a finaliser may see a half-made context)
+        if zygote is not None:
+            zygote.release(self._zygote_pids)
+            self._zygote = None
+
     def __del__(self) -> None:
-        # An abandoned context must not leave ranks behind (Group's dealloc kills).
+        # An abandoned context must not leave ranks behind, nor zygote ranks unreaped.
         if not getattr(self, "_closed", True) and not getattr(self, "_orphaned", False):
-            for pid in list(self.pids()):
-                _guardian.unwatch(pid)
+            self._closed = True
+            self._release_ranks()
 
 
 class SpawnContext(ProcessContext):
@@ -556,8 +589,8 @@ def _start_forked(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
             if pid == 0:  # the new rank; never returns
                 _child.forked_rank_main(index, lambda: (fn, args, kwargs), report_fd,
                                         envs[index], daemon)
-            _guardian.watch(pid)
             ctx.processes.append(RankProcess(ctx, index, pid, daemon))
+            group.guard(index)  # with its pidfd; the group's close unregisters it
     except BaseException:
         ctx._abort(signal.SIGKILL, 0)
         raise
@@ -588,11 +621,21 @@ def _start_zygote(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: 
     # The job handle exists only once the ranks do: a failed request leaves no
     # half-made context for the exit handler to join.
     ctx = ProcessContext(group, nprocs, "zygote", daemon)
-    group.attach_status_fd(status_r)
-    for index, pid in enumerate(pids):
-        group.adopt(index, pid, False)
-        _guardian.watch(pid)
-        ctx.processes.append(RankProcess(ctx, index, pid, daemon))
+    # The zygote keeps the ranks unreaped until the context releases them at close.
+    ctx._zygote, ctx._zygote_pids = zygote, list(pids)
+    try:
+        try:
+            group.attach_status_fd(status_r)
+        except BaseException:
+            os.close(status_r)
+            raise
+        for index, pid in enumerate(pids):
+            group.adopt(index, pid, False)
+            ctx.processes.append(RankProcess(ctx, index, pid, daemon))
+            group.guard(index)
+    except BaseException:
+        ctx._abort(signal.SIGKILL, 0)  # the release kills the zygote ranks not adopted yet
+        raise
     return ctx
 
 
@@ -616,10 +659,16 @@ def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool
     procs: list[Any] = [None] * nprocs
 
     def start(index: int) -> None:
-        procs[index] = mp.Process(target=_child.mp_rank_main, name=f"fastspawn-rank-{index}",
-                                  args=(index, send_fn, args, kwargs, conns[index], envs[index],
-                                        death, launcher), daemon=daemon)
-        procs[index].start()
+        proc = procs[index] = mp.Process(
+            target=_child.mp_rank_main, name=f"fastspawn-rank-{index}",
+            args=(index, send_fn, args, kwargs, conns[index], envs[index], death, launcher),
+            daemon=daemon)
+        proc.start()
+        assert proc.pid is not None  # started
+        # At once: the next start() reaps finished children (multiprocessing's cleanup),
+        # and the pid is trusted only here, to open the pidfd the group then goes by.
+        group.adopt(index, proc.pid, False)
+        group.guard(index)
 
     error: BaseException | None = None
     try:
@@ -639,10 +688,8 @@ def _start_mp(fn: Callable, args: tuple, kwargs: dict, nprocs: int, daemon: bool
         for conn in conns:
             conn.close()
     try:
-        for index, proc in enumerate(procs):
+        for proc in procs:
             if proc is not None and proc.pid is not None:
-                group.adopt(index, proc.pid, False)
-                _guardian.watch(proc.pid)
                 ctx._mp_processes.append(proc)
                 ctx.processes.append(proc)
         if error is not None:

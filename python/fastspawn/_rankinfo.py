@@ -24,7 +24,7 @@ class RankInfo(NamedTuple):
     order: int  # 1 for the first rank seen to exit, 2 for the next, 0 while running
     killed: bool  # the launcher had signalled it
     gone: bool  # seen to have exited (its status may still be on its way)
-    pidfd: int = -1  # the supervisor's pidfd for it, -1 where the binding has none
+    pidfd: int = -1  # the supervisor's pidfd for it (open until the group closes), or -1
     setup_error: str | None = None  # why its child-side set-up failed, if it did
 
     @classmethod

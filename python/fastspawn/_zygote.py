@@ -17,8 +17,16 @@ message a pickle:
       at most 253 (the kernel's SCM_MAX_FD) per message, so a request may
       carry any number of them.
   zygote -> launcher: {"pids": [...]} or {"error": "..."}.
-  The zygote reaps its ranks and writes {int32 pid, int32 wait status} records
-  to the request's status pipe, which the launcher's C supervisor reads.
+  launcher -> zygote: {"release": [pids]} when the job's handle closes (no reply).
+  When a rank exits, the zygote reads its status without reaping it
+  (``waitid(WNOWAIT)``) and writes an {int32 pid, int32 wait status} record to the
+  request's status pipe, which the launcher's C supervisor reads. The rank stays
+  a zombie, so its pid, which is its process group's id, cannot be handed to
+  another process while the launcher may still signal that group. The release
+  says the launcher is done with those ranks (it has killed what was left of
+  their groups): the zygote SIGKILLs what is left once more (its own unreaped
+  children: safe) and reaps them. If the launcher dies, the zygote dies with it
+  (its parent-death signal) and its zombies go to init.
 """
 from __future__ import annotations
 
@@ -124,7 +132,7 @@ class Zygote:
             child.close()
         self.conn = Connection(parent.detach())
         self.ready = False
-        _guardian.watch(self.proc.pid)
+        self.pidfd = _guardian.watch(self.proc.pid)  # open until close() unwatches it
 
     def alive(self) -> bool:
         return self.owner == os.getpid() and self.proc.poll() is None
@@ -149,6 +157,16 @@ class Zygote:
             raise self._failed(f"sent an unexpected greeting {msg!r}")
         self.ready = True
 
+    def release(self, pids: Sequence[int]) -> None:
+        """The launcher is done with these ranks: the zygote may reap them (see above)."""
+        if not pids or not self.alive():
+            return  # a zygote that is gone has no ranks left to hold
+        with self.lock:
+            try:
+                _send(self.conn, {"release": list(pids)})
+            except OSError:
+                pass  # it died meanwhile: its ranks went to init
+
     def spawn(self, request: dict[str, Any], fds: list[int], timeout: float) -> list[int]:
         with self.lock:
             self.wait_ready(timeout)
@@ -164,6 +182,8 @@ class Zygote:
     def close(self) -> None:
         if self.owner != os.getpid():
             return
+        _guardian.unwatch(self.proc.pid, self.pidfd)  # before it is reaped (below)
+        self.pidfd = -1
         try:
             self.conn.close()
         finally:
@@ -209,6 +229,13 @@ def _close_at_exit() -> None:
 # ---------------------------------------------------------------- zygote side
 
 
+def _wait_status(si: os.waitid_result) -> int:
+    """A waitid() result as a wait(2) status (what the status pipe carries)."""
+    if si.si_code == os.CLD_EXITED:
+        return (si.si_status & 0xFF) << 8
+    return (si.si_status & 0x7F) | (0x80 if si.si_code == os.CLD_DUMPED else 0)
+
+
 class _Server:
     def __init__(self, conn: Connection):
         self.conn = conn
@@ -218,14 +245,16 @@ class _Server:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.sel.register(conn, selectors.EVENT_READ)
         self.sel.register(self.wake_r, selectors.EVENT_READ)
-        self.status_of: dict[int, int] = {}  # rank pid -> its request's status fd
-        self.left: dict[int, int] = {}  # status fd -> ranks not yet reaped
+        self.status_of: dict[int, int] = {}  # running rank pid -> its request's status fd
+        self.left: dict[int, int] = {}  # status fd -> ranks whose status is still to send
+        self.held: set[int] = set()  # ranks that exited, kept unreaped until released
+        self.released: set[int] = set()  # released while running: reap when they exit
 
     def run(self) -> None:
         while True:
             for key, _ in self.sel.select():
                 if key.fileobj is self.conn:
-                    if not self.handle_request():
+                    if not self.handle_message():
                         return
                 else:
                     try:
@@ -235,16 +264,20 @@ class _Server:
             self.reap()
 
     def reap(self) -> None:
-        while True:
+        """Report every rank that exited since the last look; reap only released ones."""
+        for pid in list(self.status_of):
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            fd = self.status_of.pop(pid, None)
-            if fd is None:
-                continue
+                si = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:  # reaped by someone else (nothing here does that)
+                status = int(signal.SIGKILL)
+            else:
+                if si is None:
+                    continue  # still running
+                status = _wait_status(si)
+                self.held.add(pid)
+            fd = self.status_of.pop(pid)
+            if pid in self.released:
+                self._reap(pid)
             try:
                 os.write(fd, struct.pack("=ii", pid, status))
             except OSError:
@@ -254,9 +287,39 @@ class _Server:
                 del self.left[fd]
                 os.close(fd)
 
-    def handle_request(self) -> bool:
+    def _reap(self, pid: int) -> None:
+        self.released.discard(pid)
+        self.held.discard(pid)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+    def release(self, pids: list[int]) -> None:
+        """The launcher closed the job: kill what is left of each rank's process group
+        (the rank is our unreaped child, so the group id is still its), reap the ranks
+        that exited, and the others as soon as they do."""
+        for pid in pids:
+            if pid not in self.held and pid not in self.status_of:
+                continue  # not a rank of ours (or released already)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:  # no group of its own (set-up failed): the rank only
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if pid in self.held:
+                self._reap(pid)
+            else:
+                self.released.add(pid)
+
+    def handle_message(self) -> bool:
         try:
             req = _recv(self.conn)
+            if isinstance(req, dict) and "release" in req:
+                self.release(list(req["release"]))
+                return True
             fds = _recv_fds(self.conn, req["nfds"])
         except (ConnectionError, EOFError, OSError, RuntimeError):
             return False  # the launcher is gone (or spoke nonsense): stop
@@ -272,7 +335,8 @@ class _Server:
                 pids.append(pid)
         except OSError as exc:
             for pid in pids:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)  # our unreaped children: the pids are theirs
+                os.waitpid(pid, 0)
             for fd in fds:
                 os.close(fd)
             _send(self.conn, {"error": f"fork failed: {exc}"})

@@ -16,11 +16,23 @@
 extern "C" {
 #endif
 
+/*
+ * Signalling only the job's processes. A process group id is a pid number, and the
+ * kernel hands that number to another process only once the rank that leads the group
+ * has been reaped (a zombie still holds it). So the group follows one rule: a rank's
+ * process group is signalled only while the rank is known to be unreaped, which its pidfd
+ * tells (pidfd_send_signal(pidfd, 0) fails with ESRCH once it is reaped), and a single
+ * rank is signalled through its pidfd. Ranks the group forked (is_child) are not reaped
+ * when they exit: their status is read with waitid(WNOWAIT) and they stay zombies until
+ * the group is freed, which first kills what is left of each rank's group. Where the
+ * system has no pidfds, kill(2) by pid is the fallback (see fs_group_signal_rank).
+ */
+
 /* State of one rank as the supervisor sees it. */
 enum fs_proc_state {
     FS_PROC_UNUSED = 0,  /* slot not started */
     FS_PROC_RUNNING = 1, /* started, not exited */
-    FS_PROC_EXITED = 2,  /* exited; exit valid */
+    FS_PROC_EXITED = 2,  /* exited; exit valid (a child of ours: a zombie until fs_group_free) */
 };
 
 /* Decoded exit status: exactly one of exit_code >= 0 or term_signal > 0. */
@@ -51,7 +63,8 @@ enum fs_setup_step {
 
 typedef struct fs_proc {
     pid_t pid;
-    int pidfd;        /* exit notification; -1 where pidfd_open is missing or once exited */
+    int pidfd;        /* exit notification and signalling; open until fs_group_free; -1 where the
+                         system has no pidfds (pidfd_missing) or the rank was gone before adopted */
     int report_fd;    /* read end of the rank's report pipe, -1 when closed */
     int is_child;     /* 1 if we may reap it (waitid); 0 if another process does */
     int state;        /* enum fs_proc_state */
@@ -63,6 +76,8 @@ typedef struct fs_proc {
     int setup_errno;       /* the errno of that failure */
     unsigned char *report; /* bytes the rank wrote to its report pipe */
     size_t report_len, report_cap;
+    int pidfd_missing; /* 1: pidfd_open is not offered here (kernel < 5.3, a sandbox) */
+    int guarded;       /* registered with the process's guardian (fs_group_guard) */
 } fs_proc_t;
 
 typedef struct fs_group fs_group_t;
@@ -83,7 +98,13 @@ void fs_fork_opts_init(fs_fork_opts_t *opts);
 
 /* Create a group for nprocs ranks. */
 int fs_group_new(int nprocs, fs_group_t **out, fs_error_t *err);
-/* Kill (SIGKILL) and reap whatever is still running, close fds, free. NULL is a no-op. */
+/*
+ * Release every rank and free the group. What still runs is SIGKILLed and waited for (as
+ * fs_group_terminate(g, 0, 0)); then, rank by rank: SIGKILL to what is left of its process
+ * group (a DataLoader worker that outlived it) while the rank is unreaped, unregister it
+ * from the process's guardian (fs_group_guard), and only then reap it (ranks we forked).
+ * Closes the fds. NULL is a no-op; in a forked copy of the process only memory is freed.
+ */
 void fs_group_free(fs_group_t *g);
 int fs_group_size(const fs_group_t *g);
 const fs_proc_t *fs_group_proc(const fs_group_t *g, int index);
@@ -108,10 +129,22 @@ pid_t fs_group_fork(fs_group_t *g, int index, const fs_fork_opts_t *opts, int *r
 int fs_group_prepare_report(fs_group_t *g, int index, int *report_wfd, fs_error_t *err);
 /*
  * Watch a rank started by other means (multiprocessing, a zygote). is_child:
- * whether this process is its parent and may reap it. When it is not, its
- * exit status must come from fs_group_set_exit() or a status fd.
+ * whether this process is its parent and may reap it (it then stays a zombie until
+ * fs_group_free, as a forked rank does). When it is not, its exit status must come
+ * from fs_group_set_exit() or a status fd, and the process that reaps it decides how
+ * long its group id stays the job's (the zygote keeps its ranks unreaped until the
+ * launcher releases them). Adopt it before anything can have reaped it: the pid is
+ * trusted once, here, to open the pidfd; after that only the pidfd is.
  */
 int fs_group_adopt(fs_group_t *g, int index, pid_t pid, int is_child, fs_error_t *err);
+/*
+ * Register rank `index`'s process group with the process's own guardian
+ * (fs_guardian_default_watch), with the rank's pidfd, so it is killed if this process
+ * dies; fs_group_free unregisters it after killing what is left of the group and before
+ * reaping the rank. A rank already gone when it was adopted is not registered (FS_OK):
+ * its group id may no longer be the job's. Errors: those of fs_guardian_default_watch.
+ */
+int fs_group_guard(fs_group_t *g, int index, fs_error_t *err);
 /* Record the exit status of a rank that another process reaped. */
 int fs_group_set_exit(fs_group_t *g, int index, int wait_status, fs_error_t *err);
 /*
@@ -143,13 +176,22 @@ const char *fs_setup_step_name(int step);
 
 /*
  * Stop every running rank: send `sig` to each rank's process group, wait up to
- * grace_ms for them to exit, then SIGKILL what is left (process groups too)
- * and reap. sig 0 skips straight to the SIGKILL; grace_ms < 0 counts as 0.
- * Returns FS_OK or a negative code (only on internal error).
+ * grace_ms for them to exit, then SIGKILL what is left: every rank's process group,
+ * exited ranks' too, while the rank is unreaped (see the rule at the top). Exit statuses
+ * are collected; ranks are reaped by fs_group_free. sig 0 skips straight to the SIGKILL;
+ * grace_ms < 0 counts as 0. Returns FS_OK or a negative code (only on internal error).
  */
 int fs_group_terminate(fs_group_t *g, int sig, int grace_ms, fs_error_t *err);
-/* Send sig to every running rank's process group (no waiting). */
+/* Send sig to every running rank's process group (no waiting); marks them killed_by_us. */
 int fs_group_signal(fs_group_t *g, int sig, fs_error_t *err);
+/*
+ * Send sig to rank `index` alone, as multiprocessing's Process.terminate / kill do, but to
+ * its process group: nothing once its exit was seen (FS_OK). Not marked killed_by_us (a
+ * signal the program sent is not the supervisor's stop). The group is signalled while
+ * the rank is unreaped, the rank through its pidfd (or by pid where pidfd_missing: for a
+ * rank another process reaps, a residual risk on systems without pidfds).
+ */
+int fs_group_signal_rank(fs_group_t *g, int index, int sig, fs_error_t *err);
 
 /*
  * Fork one rank outside any group (the zygote does this): in the child the
@@ -175,6 +217,9 @@ const char *fs_signal_name(int sig);
 /* ------------------------------------------------------------------ */
 /* Guardian (guardian.c): a tiny process that kills every registered    */
 /* rank process group when the launcher dies, even by SIGKILL.          */
+/* A group comes with its leader's pidfd: the guardian kills it only    */
+/* while the leader is unreaped (the group id is then still the job's), */
+/* and skips it once reaped (the number may be someone else's now).     */
 /* ------------------------------------------------------------------ */
 
 typedef struct fs_guardian {
@@ -189,8 +234,13 @@ typedef struct fs_guardian {
  * process's own guardian below, which needs no such care.
  */
 int fs_guardian_start(fs_guardian_t *gd, fs_error_t *err);
-/* Register / unregister a process group the guardian must kill. */
-int fs_guardian_watch(fs_guardian_t *gd, pid_t pgid, fs_error_t *err);
+/*
+ * Register a process group the guardian must kill, with its leader's pidfd (the guardian
+ * gets a copy over the socket: SCM_RIGHTS). pidfd -1 only where the system has no pidfds:
+ * the group is then killed unchecked, which may hit an unrelated group that took the
+ * number over once the leader was reaped. Unregister it before the leader is reaped.
+ */
+int fs_guardian_watch(fs_guardian_t *gd, pid_t pgid, int pidfd, fs_error_t *err);
 int fs_guardian_unwatch(fs_guardian_t *gd, pid_t pgid, fs_error_t *err);
 /* Close the socket (the guardian then kills what is registered) and reap it. A copy
    in a forked child is left alone (FS_OK). */
@@ -202,16 +252,20 @@ int fs_guardian_stop(fs_guardian_t *gd, int timeout_ms, fs_error_t *err);
  * leaks into ranks, their workers or unrelated subprocesses. A child that calls these
  * gets a guardian of its own. Thread-safe.
  */
-/* Start the guardian if this process has none, then watch pgid. *guardian_pid (may be
-   NULL) gets the guardian's pid. */
-int fs_guardian_default_watch(pid_t pgid, pid_t *guardian_pid, fs_error_t *err);
+/* Start the guardian if this process has none, then watch pgid with its leader's pidfd
+   (as fs_guardian_watch). The guardian also remembers pgid and pidfd, to tell a new
+   guardian if this one dies (the next watch finds it gone and starts another): pidfd must
+   stay open until pgid is unwatched. *guardian_pid (may be NULL) gets the guardian's pid. */
+int fs_guardian_default_watch(pid_t pgid, int pidfd, pid_t *guardian_pid, fs_error_t *err);
 /* Unwatch pgid; FS_OK without a guardian. */
 int fs_guardian_default_unwatch(pid_t pgid, fs_error_t *err);
-/* After the guardian died (a watch failed with FS_ECLOSED): start a new one. The caller
-   registers its process groups again. */
+/* Replace the guardian with a new one, told everything registered (the old one, if alive,
+   exits without killing anything). */
 int fs_guardian_default_restart(pid_t *guardian_pid, fs_error_t *err);
 /* The guardian's pid, 0 when this process has none. */
 pid_t fs_guardian_default_pid(void);
+/* The registered process groups: up to cap of them into pgids; returns how many there are. */
+size_t fs_guardian_default_watched(pid_t *pgids, size_t cap);
 
 #ifdef __cplusplus
 }
