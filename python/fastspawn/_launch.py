@@ -524,7 +524,8 @@ class ProcessContext:
         # The group kills what runs and what is left of each rank's process group,
         # takes the ranks off the guardian and reaps those it forked; then the zygote
         # may reap its own (it kills what is left once more: they are its children).
-        self._group.close()
+        if self._group is not None:  # None: a context made without ranks (SpawnContext())
+            self._group.close()
         zygote = getattr(self, "_zygote", None)  # (a finaliser may see a half-made context)
         if zygote is not None:
             zygote.release(self._zygote_pids)
