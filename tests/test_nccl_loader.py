@@ -263,6 +263,18 @@ def rank_main(rank, world, uid):
     assert calls == [("cudaEventRecord", 0, ready), ("cudaStreamWaitEvent", s, ready),
                      ("ncclAllReduce", s, None), ("cudaEventRecord", s, calls[3][2])], calls
     assert calls[3][2] != ready  # the work's own end event
+    # sync (async_op=False): positional arguments, and the caller's stream waits for the end
+    # event in the same call, which returns no work
+    log.fakecuda_log_clear()
+    assert comm.run(C.COLL_ALLREDUCE, C.DTYPE_FLOAT32, 4, t.data_ptr(), t.data_ptr(), C.OP_MAX,
+                    0, 0, True) is None
+    waits = [line for line in log_text().splitlines() if line.startswith("cudaStreamWaitEvent")]
+    records = [line for line in log_text().splitlines() if line.startswith("cudaEventRecord")]
+    assert len(waits) == 2 and "stream=0x0 " in waits[1] + " ", waits
+    assert waits[1].split("event=")[1] == records[1].split()[1].split("=")[1], (waits, records)
+    # it ran after the work before it on the comm stream: a later barrier finds it done
+    comm.run(C.COLL_BARRIER, 0, 0).synchronize(10)
+    assert t.tolist() == [3.0] * 4, t
     # a group of two calls is one work
     a, b = torch.ones(2), torch.full((3,), float(rank))
     comm.group_start()
@@ -270,7 +282,7 @@ def rank_main(rank, world, uid):
     comm.run(C.COLL_BROADCAST, C.DTYPE_FLOAT32, 3, 0, b.data_ptr(), root=1)
     g = comm.group_end()
     g.synchronize(10)
-    assert g.seq == 2 and a.tolist() == [2.0, 2.0] and b.tolist() == [1.0] * 3
+    assert g.seq == 4 and a.tolist() == [2.0, 2.0] and b.tolist() == [1.0] * 3
     # uneven all_to_all: rank r sends r + p + 1 elements to p
     sc = [rank + p + 1 for p in range(world)]
     rc = [p + rank + 1 for p in range(world)]
