@@ -147,7 +147,7 @@ phase pytest 150 scripts/py -m pytest -q -p no:cacheprovider -ra $gpu_tests \
 
 # --- examples on the GPU --------------------------------------------------------------
 if [ $gpu -eq 1 ]; then
-    phase train 60 scripts/py examples/train_ddp.py --device cuda --nprocs 1 --epochs 4
+    phase train 60 scripts/py examples/train_ddp.py --device cuda --nprocs 1 --epochs 6
     port=$($py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     phase tutorial 45 scripts/py examples/tutorial_spawn.py --nprocs 1 --epochs 2 --port "$port"
 else

@@ -291,6 +291,15 @@ def coalescing(rank, world):
     assert a.tolist() == [0.0] * 3, a
     same(b, expected(world, 4, torch.float32, REDUCE["MAX"]), "coalesced block")
     assert comm.seq == seq + 1, (comm.seq, seq)
+    # send/recv in a block: one NCCL group, so crossing sends never wait for each other
+    # (what torch's batch_isend_irecv does for its own groups)
+    right, left = (rank + 1) % world, (rank - 1) % world
+    got = torch.zeros(1 << 16)  # 256 KiB: more than the fake's 64 KiB mailbox
+    with dist._coalescing_manager(pg, torch.device("cpu"), async_ops=True) as cm:
+        dist.isend(torch.full((1 << 16,), float(rank)), right)
+        dist.irecv(got, left)
+    cm.wait()
+    assert got[:2].tolist() == [float(left)] * 2 and comm.seq == seq + 2, got
     dist.destroy_process_group()
     return "ok"
 
