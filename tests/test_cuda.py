@@ -267,10 +267,11 @@ def test_ddp_on_the_gpu_with_device_ids(eager):
 def watchdog_rank(i):
     from datetime import timedelta
 
-    fastspawn.init_process_group(timeout=timedelta(seconds=2))
+    # (the timeout is also the communicator's init deadline: not too short for NCCL's init)
+    fastspawn.init_process_group(timeout=timedelta(seconds=5))
     t = torch.ones(4, device="cuda")
     dist.all_reduce(t)
-    torch.cuda._sleep(int(1e10))  # ~5 s on the caller's stream: the next work cannot end
+    torch.cuda._sleep(int(2e10))  # ~10 s on the caller's stream: the next work cannot end
     work = dist.all_reduce(t, async_op=True)
     try:
         work.synchronize()
@@ -285,7 +286,7 @@ def watchdog_rank(i):
 def test_watchdog_fails_a_collective_stuck_on_the_gpu():
     msg, = fastspawn.spawn(watchdog_rank, nprocs=1, start_method="zygote")
     assert "NCCL watchdog: all_reduce (seq 2, 4 x float32) did not complete within the " \
-           "timeout of 2000 ms" in msg, msg
+           "timeout of 5000 ms" in msg, msg
 
 
 def mixed_rank(i):
