@@ -66,13 +66,14 @@ FAKE_LIBS := $(FAKE_DIR)/libcudart.so.13 $(FAKE_DIR)/libnccl.so.2
 FAKE_CFLAGS := $(CFLAGS_C) $(TEST_INC) -fPIC -shared -fvisibility=default  # they export an ABI
 FAKE_HDRS := tests/c/fake_cuda/fake.h csrc/lib/cuda_abi.h csrc/lib/nccl_abi.h
 
+# -Bsymbolic: their calls to their own functions stay theirs even where a CUDA build of torch
+# has loaded the real libraries (RTLD_GLOBAL); the fake NCCL opens the fake runtime next to it.
 $(FAKE_DIR)/libcudart.so.13: tests/c/fake_cuda/fake_cudart.c $(FAKE_HDRS)
 	@mkdir -p $(FAKE_DIR)
-	$(CC) $(FAKE_CFLAGS) -Wl,-soname,libcudart.so.13 $< -pthread -o $@
+	$(CC) $(FAKE_CFLAGS) -Wl,-soname,libcudart.so.13 -Wl,-Bsymbolic $< -pthread -o $@
 
 $(FAKE_DIR)/libnccl.so.2: tests/c/fake_cuda/fake_nccl.c $(FAKE_HDRS) $(FAKE_DIR)/libcudart.so.13
-	$(CC) $(FAKE_CFLAGS) -Wl,-soname,libnccl.so.2 $< -L$(FAKE_DIR) -l:libcudart.so.13 \
-	    -Wl,-rpath,'$$ORIGIN' -pthread -lm -o $@
+	$(CC) $(FAKE_CFLAGS) -Wl,-soname,libnccl.so.2 -Wl,-Bsymbolic $< -pthread -ldl -lm -o $@
 
 fakes: $(FAKE_LIBS)
 tests/c/bin/test_nccl tests/c/bin/san_test_nccl: $(FAKE_LIBS)

@@ -55,6 +55,28 @@ def python_env(**extra):
     return env
 
 
+_torch_libs = None
+
+
+def torch_cuda_libs():
+    """The libnccl / libcudart files `import torch` maps by itself (a CUDA build of
+    torch loads both; the CPU build neither)."""
+    global _torch_libs
+    if _torch_libs is None:
+        _torch_libs = fresh("""
+            import torch
+            for line in open("/proc/self/maps"):
+                if "libnccl" in line or "libcudart" in line:
+                    print(line.split()[-1])
+        """).split()
+    return set(_torch_libs)
+
+
+def skip_if_torch_loaded(name):
+    if any(name in p for p in torch_cuda_libs()):
+        pytest.skip(f"this torch loads its own {name} at import: the search never gets past it")
+
+
 def fresh(code, **env):
     """Run code in a fresh interpreter (loading is process-wide); its stdout."""
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
@@ -67,24 +89,35 @@ def fresh(code, **env):
 # Loading
 # ---------------------------------------------------------------------------
 
+CUDA_LIBS_MAPPED = """
+def cuda_libs():
+    return {line.split()[-1] for line in open("/proc/self/maps")
+            if "libnccl" in line or "libcudart" in line}
+"""
+
+
 def test_importing_fastspawn_loads_no_cuda_library():
-    out = fresh("""
-        import fastspawn, fastspawn._C as C
-        maps = open("/proc/self/maps").read()
-        print("libnccl" in maps, "libcudart" in maps, C.nccl_version(), C.nccl_library_path())
+    # (a CUDA build of torch maps both itself: fastspawn must add nothing)
+    out = fresh(CUDA_LIBS_MAPPED + """
+import torch
+before = cuda_libs()
+import fastspawn, fastspawn._C as C
+print(sorted(cuda_libs() - before), C.nccl_version(), C.nccl_library_path())
     """)
-    assert out.split() == ["False", "False", "0", "None"]
+    assert out.split() == ["[]", "0", "None"]
 
 
 def test_real_nccl_from_the_wheel_through_a_passed_dir_reports_its_version_and_caps():
     lib = wheel_nccl_lib()
     header = os.path.join(os.path.dirname(lib), "include", "nccl.h")
     want = int(re.search(r"#define NCCL_VERSION_CODE (\d+)", open(header).read()).group(1))
-    out = fresh(f"""
-        import fastspawn._C as C
-        print(C.nccl_load([{lib!r}]), C.nccl_caps(), C.nccl_library_path())
-        maps = open("/proc/self/maps").read()
-        print("libcudart" in maps)  # NCCL links the runtime statically: nothing more loads
+    skip_if_torch_loaded("libnccl")  # (then it would report torch's copy)
+    out = fresh(CUDA_LIBS_MAPPED + f"""
+import fastspawn._C as C
+before = cuda_libs()
+print(C.nccl_load([{lib!r}]), C.nccl_caps(), C.nccl_library_path())
+# NCCL links the runtime statically: no libcudart comes with it
+print(any("libcudart" in p for p in cuda_libs() - before))
     """)
     version, caps, path, cudart = out.split()
     assert int(version) == want  # 23007 for the pinned nvidia-nccl-cu13==2.30.7
@@ -98,6 +131,7 @@ def test_real_nccl_from_the_wheel_through_a_passed_dir_reports_its_version_and_c
 
 
 def test_a_failed_search_names_the_variable_and_every_place_with_dlerror():
+    skip_if_torch_loaded("libnccl")
     out = fresh("""
         import fastspawn._C as C
         for load in (C.nccl_load, C.cuda_load):
@@ -135,11 +169,12 @@ def test_the_forced_path_is_the_only_place_tried():
     forced = os.path.join(lib, "libnccl.so.2")
     out = fresh("import fastspawn._C as C; print(C.nccl_load(), C.nccl_library_path())",
                 FASTSPAWN_NCCL_LIBRARY=forced)
-    assert out.split()[1] == forced
+    assert os.path.samefile(out.split()[1], forced)
 
 
 def test_a_copy_already_loaded_comes_first():
     lib = wheel_nccl_lib()
+    skip_if_torch_loaded("libnccl")  # (torch's own copy would come first)
     out = fresh(f"""
         import ctypes, fastspawn._C as C
         ctypes.CDLL({lib!r} + "/libnccl.so.2")  # as torch would have loaded it
@@ -234,7 +269,7 @@ import torch
 import fastspawn._C as C
 
 FAKE = sys.argv[1]
-C.cuda_load([FAKE])
+C.cuda_load([FAKE])  # (the test forces these paths: a CUDA torch has loaded the real ones)
 C.nccl_load([FAKE])
 log = ctypes.CDLL(os.path.join(FAKE, "libcudart.so.13"))  # the loaded copy: same handle
 
@@ -263,6 +298,18 @@ def rank_main(rank, world, uid):
     assert calls == [("cudaEventRecord", 0, ready), ("cudaStreamWaitEvent", s, ready),
                      ("ncclAllReduce", s, None), ("cudaEventRecord", s, calls[3][2])], calls
     assert calls[3][2] != ready  # the work's own end event
+    # sync (async_op=False): positional arguments, and the caller's stream waits for the end
+    # event in the same call, which returns no work
+    log.fakecuda_log_clear()
+    assert comm.run(C.COLL_ALLREDUCE, C.DTYPE_FLOAT32, 4, t.data_ptr(), t.data_ptr(), C.OP_MAX,
+                    0, 0, True) is None
+    waits = [line for line in log_text().splitlines() if line.startswith("cudaStreamWaitEvent")]
+    records = [line for line in log_text().splitlines() if line.startswith("cudaEventRecord")]
+    assert len(waits) == 2 and "stream=0x0 " in waits[1] + " ", waits
+    assert waits[1].split("event=")[1] == records[1].split()[1].split("=")[1], (waits, records)
+    # it ran after the work before it on the comm stream: a later barrier finds it done
+    comm.run(C.COLL_BARRIER, 0, 0).synchronize(10)
+    assert t.tolist() == [3.0] * 4, t
     # a group of two calls is one work
     a, b = torch.ones(2), torch.full((3,), float(rank))
     comm.group_start()
@@ -270,7 +317,7 @@ def rank_main(rank, world, uid):
     comm.run(C.COLL_BROADCAST, C.DTYPE_FLOAT32, 3, 0, b.data_ptr(), root=1)
     g = comm.group_end()
     g.synchronize(10)
-    assert g.seq == 2 and a.tolist() == [2.0, 2.0] and b.tolist() == [1.0] * 3
+    assert g.seq == 4 and a.tolist() == [2.0, 2.0] and b.tolist() == [1.0] * 3
     # uneven all_to_all: rank r sends r + p + 1 elements to p
     sc = [rank + p + 1 for p in range(world)]
     rc = [p + rank + 1 for p in range(world)]
@@ -365,9 +412,16 @@ def fake_libs():
 def test_nccl_comm_against_the_fakes_with_two_forked_ranks():
     fake_libs()
     out = subprocess.run([sys.executable, "-c", RANKS, FAKE_DIR], capture_output=True,
-                         text=True, timeout=180, env=python_env(FAKE_CUDA_DEVICES="2"))
+                         text=True, timeout=180, env=python_env(FAKE_CUDA_DEVICES="2",
+                                                                **fake_paths()))
     assert out.returncode == 0 and out.stdout.split("\n")[:2] == ["[0, 0]", "[0, 0]"], (
         out.stdout + out.stderr)
+
+
+def fake_paths():
+    """The fakes forced (FASTSPAWN_*_LIBRARY), so that no copy torch loaded comes first."""
+    return {"FASTSPAWN_NCCL_LIBRARY": os.path.join(FAKE_DIR, "libnccl.so.2"),
+            "FASTSPAWN_CUDART_LIBRARY": os.path.join(FAKE_DIR, "libcudart.so.13")}
 
 
 def test_nccl_comm_rejects_a_bad_unique_id():
@@ -379,5 +433,5 @@ def test_nccl_comm_rejects_a_bad_unique_id():
             C.NcclComm(b"short", 0, 1, 0)
         except ValueError as e:
             print(e)
-    """)
+    """, **fake_paths())
     assert "unique_id must be 128 bytes, got 5" in out

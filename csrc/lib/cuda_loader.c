@@ -138,8 +138,7 @@ int fs__dl_load(const fs__dl_spec_t *spec, const char *const *dirs, size_t ndirs
 {
     if (spec->loaded())
         return FS_OK;
-    if (pthread_mutex_lock(spec->mu) != 0)
-        return fs_error_set(err, FS_ESYS, "loading %s: pthread_mutex_lock failed", spec->what);
+    fs__lock(spec->mu);
     int rc = FS_OK;
     if (!spec->loaded()) {
         void *h = fs__dl_search(spec, dirs, ndirs, spec->report, err);
@@ -147,7 +146,7 @@ int fs__dl_load(const fs__dl_spec_t *spec, const char *const *dirs, size_t ndirs
         if (h != NULL && rc != FS_OK)
             (void)dlclose(h);
     }
-    (void)pthread_mutex_unlock(spec->mu);
+    fs__unlock(spec->mu);
     return rc;
 }
 

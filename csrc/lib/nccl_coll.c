@@ -314,7 +314,7 @@ static int issue(struct fs_nccl_comm *c, const fs_nccl_args_t *a, const struct d
     fs__ncclResult_t r = enqueue(c, a, d, op);
     int settled = r == fs__ncclInProgress && c->group_depth == 0;
     if (settled)
-        r = fs__nccl_settle(c, r, fs_now_ms() + c->timeout_ms);
+        r = fs__nccl_settle(c, r, fs__deadline_ms(c->timeout_ms));
     else if (r == fs__ncclInProgress)
         r = fs__ncclSuccess; /* inside a group: settled at its end */
     if (premul && c->group_depth > 0)
@@ -383,7 +383,7 @@ int fs_nccl_run(fs_nccl_comm_t *c, const fs_nccl_args_t *a, fs_nccl_work_t **wor
     }
     fs__device_leave(c, prev);
 out:
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     return rc;
 }
 
@@ -410,7 +410,7 @@ int fs_nccl_group_start(fs_nccl_comm_t *c, fs_error_t *err)
             c->seq++; /* the whole group is one sequence number */
         }
     }
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     return rc;
 }
 
@@ -420,7 +420,7 @@ static fs__ncclResult_t end_outermost(struct fs_nccl_comm *c, int *settled)
     fs__ncclResult_t r = c->nc->ncclGroupEnd();
     *settled = r == fs__ncclInProgress;
     if (*settled)
-        r = fs__nccl_settle(c, r, fs_now_ms() + c->timeout_ms);
+        r = fs__nccl_settle(c, r, fs__deadline_ms(c->timeout_ms));
     for (int i = 0; i < c->group_nredops && c->nccl != NULL; i++)
         (void)c->nc->ncclRedOpDestroy(c->group_redops[i], c->nccl);
     c->group_nredops = 0;
@@ -474,6 +474,6 @@ int fs_nccl_group_end(fs_nccl_comm_t *c, fs_nccl_work_t **work, fs_error_t *err)
     else if (c->group_nops > 0)
         rc = group_work(c, work, err);
 out:
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     return rc;
 }

@@ -8,7 +8,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "nccl_internal.h"
@@ -81,7 +80,7 @@ int fs__comm_enter(struct fs_nccl_comm *c, fs_error_t *err)
 {
     if (c->pid != getpid())
         return fs__comm_usable(c, err);
-    (void)pthread_mutex_lock(&c->mu);
+    fs__lock(&c->mu);
     return FS_OK;
 }
 
@@ -126,10 +125,10 @@ fs__ncclResult_t fs__nccl_settle(struct fs_nccl_comm *c, fs__ncclResult_t r, int
     while (r == fs__ncclInProgress) {
         if (fs_now_ms() >= deadline_ms)
             return fs__ncclTimeout;
-        (void)pthread_mutex_unlock(&c->mu);
+        fs__unlock(&c->mu);
         fs__sleep_ns(pause_ns);
         pause_ns = pause_ns < 2000000 ? pause_ns * 2 : pause_ns; /* up to 2 ms, like torch */
-        (void)pthread_mutex_lock(&c->mu);
+        fs__lock(&c->mu);
         if (c->nccl == NULL)
             return fs__ncclInvalidUsage; /* aborted meanwhile; c->error says why */
         fs__ncclResult_t state = fs__ncclSuccess;
@@ -231,12 +230,12 @@ static int init_nccl(struct fs_nccl_comm *c, const unsigned char *id, int64_t in
         return r == fs__ncclSuccess ? FS_OK : init_failed(c, r, "ncclCommInitRank", err);
     }
     fs__ncclConfig_t cfg = {sizeof cfg, FS__NCCL_CONFIG_MAGIC, FS__NCCL_VERSION(2, 14, 0), 0};
-    int64_t deadline = fs_now_ms() + init_timeout_ms;
-    (void)pthread_mutex_lock(&c->mu);
+    int64_t deadline = fs__deadline_ms(init_timeout_ms);
+    fs__lock(&c->mu);
     fs__ncclResult_t r = c->nc->ncclCommInitRankConfig(&c->nccl, c->world, uid, c->rank, &cfg);
     if (r == fs__ncclInProgress && c->nccl != NULL)
         r = fs__nccl_settle(c, r, deadline);
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     if (r == fs__ncclSuccess)
         return FS_OK;
     if (r != fs__ncclTimeout)
@@ -275,10 +274,7 @@ static struct fs_nccl_comm *comm_alloc(int rank, int world, int device,
         fs_error_set(err, FS_ENOMEM, "out of memory for an NCCL communicator");
         return NULL;
     }
-    pthread_condattr_t ca;
-    int rc = pthread_condattr_init(&ca);
-    if (rc == 0 && (rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC)) == 0)
-        rc = pthread_cond_init(&c->wake, &ca);
+    int rc = fs__cond_init_monotonic(&c->wake);
     if (rc == 0 && (rc = pthread_mutex_init(&c->mu, NULL)) != 0)
         (void)pthread_cond_destroy(&c->wake);
     if (rc != 0) {
@@ -377,10 +373,10 @@ void fs_nccl_comm_abort(fs_nccl_comm_t *c, const char *reason)
 {
     if (c == NULL || c->pid != getpid())
         return;
-    (void)pthread_mutex_lock(&c->mu);
+    fs__lock(&c->mu);
     (void)fs__comm_fail(c, FS_EABORTED, "rank %d: the NCCL communicator was aborted: %s", c->rank,
                         reason != NULL ? reason : "fs_nccl_comm_abort");
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
 }
 
 /* Finalize (polled to the deadline) then destroy the NCCL communicator; mu held. */
@@ -426,9 +422,9 @@ int fs_nccl_comm_destroy(fs_nccl_comm_t *c, int64_t timeout_ms, fs_error_t *err)
         return FS_OK;
     }
     int rc = FS_OK;
-    (void)pthread_mutex_lock(&c->mu);
+    fs__lock(&c->mu);
     c->closing = 1;
-    int64_t deadline = timeout_ms < 0 ? last_deadline(c) : fs_now_ms() + timeout_ms;
+    int64_t deadline = timeout_ms < 0 ? last_deadline(c) : fs__deadline_ms(timeout_ms);
     if (c->group_depth > 0 && pthread_equal(c->group_thread, pthread_self())) {
         (void)c->nc->ncclGroupEnd(); /* close our own open group before NCCL goes */
         c->group_depth = 0;
@@ -445,7 +441,7 @@ int fs_nccl_comm_destroy(fs_nccl_comm_t *c, int64_t timeout_ms, fs_error_t *err)
     abort_nccl(c); /* a communicator that failed earlier: its abort may have waited for a group */
     fs__works_fail_all(c); /* nothing is left to complete them */
     release_cuda(c);
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     fs__watchdog_stop(c);
     fs__comm_unref(c);
     return rc;
@@ -463,7 +459,7 @@ int fs_nccl_comm_status(fs_nccl_comm_t *c, fs_error_t *why)
     rc = c->status;
     if (why != NULL)
         *why = c->error;
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     return rc;
 }
 
@@ -497,6 +493,6 @@ uint64_t fs_nccl_comm_seq(fs_nccl_comm_t *c)
     if (fs__comm_enter(c, NULL) != FS_OK)
         return c->seq; /* a forked child's copy */
     uint64_t s = c->seq;
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     return s;
 }

@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "nccl_internal.h"
@@ -97,9 +96,9 @@ void fs_nccl_work_release(fs_nccl_work_t *w)
     }
     /* Hold the communicator across the unlock: this may be the work's last reference. */
     atomic_fetch_add(&c->refs, 1);
-    (void)pthread_mutex_lock(&c->mu);
+    fs__lock(&c->mu);
     work_unref_locked(w);
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     fs__comm_unref(c);
 }
 
@@ -117,7 +116,7 @@ int fs__work_launch(struct fs_nccl_work *w, fs_error_t *err)
         fs__work_discard(w);
         return fs__comm_error(c, err);
     }
-    w->deadline_ms = fs_now_ms() + c->timeout_ms;
+    w->deadline_ms = fs__deadline_ms(c->timeout_ms);
     if (c->works_tail != NULL)
         c->works_tail->next = w;
     else
@@ -198,14 +197,14 @@ int fs_nccl_work_query(fs_nccl_work_t *w, int *done, fs_error_t *err)
         return rc;
     rc = work_poll(w, err);
     *done = rc == FS_OK && w->state == FS__WORK_DONE;
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     return rc;
 }
 
 int fs_nccl_work_synchronize(fs_nccl_work_t *w, int64_t timeout_ms, fs_error_t *err)
 {
     struct fs_nccl_comm *c = w->comm;
-    int64_t deadline = timeout_ms < 0 ? INT64_MAX : fs_now_ms() + timeout_ms;
+    int64_t deadline = timeout_ms < 0 ? INT64_MAX : fs__deadline_ms(timeout_ms);
     long pause_ns = 1000;
     int rc = fs__comm_enter(c, err);
     if (rc != FS_OK)
@@ -219,12 +218,12 @@ int fs_nccl_work_synchronize(fs_nccl_work_t *w, int64_t timeout_ms, fs_error_t *
                               what, (long long)timeout_ms);
             break;
         }
-        (void)pthread_mutex_unlock(&c->mu);
+        fs__unlock(&c->mu);
         fs__sleep_ns(pause_ns);
         pause_ns = pause_ns < 1000000 ? pause_ns * 2 : pause_ns;
-        (void)pthread_mutex_lock(&c->mu);
+        fs__lock(&c->mu);
     }
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     return rc;
 }
 
@@ -241,7 +240,7 @@ int fs_nccl_work_wait_stream(fs_nccl_work_t *w, uintptr_t stream, fs_error_t *er
             rc = fs__cuda_fail(err, c->cu, e, "cudaStreamWaitEvent(stream 0x%jx)",
                                (uintmax_t)stream);
     }
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     return rc;
 }
 
@@ -292,35 +291,31 @@ static void look_at_nccl(struct fs_nccl_comm *c)
                   c->rank, why, what);
 }
 
+#define WATCHDOG_MAX_POLL_MS (24LL * 3600 * 1000)
+
 static void *watchdog_main(void *arg)
 {
     struct fs_nccl_comm *c = arg;
     /* The event queries run on this thread: give it the communicator's device. */
     (void)c->cu->cudaSetDevice(c->device);
-    (void)pthread_mutex_lock(&c->mu);
+    fs__lock(&c->mu);
     while (!c->closing) {
         look_at_works(c);
         look_at_nccl(c);
-        struct timespec until;
-        (void)clock_gettime(CLOCK_MONOTONIC, &until);
-        until.tv_sec += c->poll_ms / 1000;
-        until.tv_nsec += (c->poll_ms % 1000) * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-        (void)pthread_cond_timedwait(&c->wake, &c->mu, &until); /* timeout or wake: look again */
+        /* timeout or wake: look again (an interval beyond a day is a day: no overflow) */
+        int64_t poll_ms = c->poll_ms < WATCHDOG_MAX_POLL_MS ? c->poll_ms : WATCHDOG_MAX_POLL_MS;
+        (void)fs__cond_timedwait(&c->wake, &c->mu, fs__now_ns() + poll_ms * 1000000);
     }
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__unlock(&c->mu);
     return NULL;
 }
 
 int fs__watchdog_start(struct fs_nccl_comm *c, fs_error_t *err)
 {
-    int rc = pthread_create(&c->watchdog, NULL, watchdog_main, c);
+    int rc = fs__thread_start(&c->watchdog, watchdog_main, c);
     if (rc != 0) {
         errno = rc;
-        return fs_error_sys(err, "pthread_create (NCCL watchdog)");
+        return fs_error_sys(err, "starting the NCCL watchdog thread");
     }
     c->watchdog_started = 1;
     return FS_OK;
@@ -330,10 +325,10 @@ void fs__watchdog_stop(struct fs_nccl_comm *c)
 {
     if (!c->watchdog_started)
         return;
-    (void)pthread_mutex_lock(&c->mu);
+    fs__lock(&c->mu);
     c->closing = 1;
-    (void)pthread_cond_broadcast(&c->wake);
-    (void)pthread_mutex_unlock(&c->mu);
+    fs__cond_broadcast(&c->wake);
+    fs__unlock(&c->mu);
     (void)pthread_join(c->watchdog, NULL);
     c->watchdog_started = 0;
 }
@@ -346,8 +341,8 @@ int fs__works_drain(struct fs_nccl_comm *c, int64_t deadline_ms)
             return c->status;
         if (fs_now_ms() >= deadline_ms)
             return FS_ETIMEOUT;
-        (void)pthread_mutex_unlock(&c->mu);
+        fs__unlock(&c->mu);
         fs__sleep_ns(1000000);
-        (void)pthread_mutex_lock(&c->mu);
+        fs__lock(&c->mu);
     }
 }

@@ -447,32 +447,25 @@ static void run_args_free(run_args_t *r)
         PyMem_Free(r->counts[i]);
 }
 
-static int parse_run(NcclCommObject *self, PyObject *args, PyObject *kwds, run_args_t *r)
+static int parse_run(NcclCommObject *self, PyObject *args, PyObject *kwds, run_args_t *r, int *sync)
 {
-    static char *kwlist[] = {"kind",
-                             "dtype",
-                             "count",
-                             "send",
-                             "recv",
-                             "op",
-                             "root",
-                             "stream",
-                             "send_counts",
-                             "send_displs",
-                             "recv_counts",
-                             "recv_displs",
-                             "premul_scalar",
-                             "premul_scalar_on_device",
-                             NULL};
+    static char *kwlist[] = {
+        "kind",        "dtype",       "count",       "send",          "recv",
+        "op",          "root",        "stream",      "sync",          "send_counts",
+        "send_displs", "recv_counts", "recv_displs", "premul_scalar", "premul_scalar_on_device",
+        NULL};
     memset(r, 0, sizeof *r);
     Py_ssize_t count = 0;
     unsigned long long send = 0, recv = 0, stream = 0, scalar = 0;
     PyObject *lists[4] = {Py_None, Py_None, Py_None, Py_None};
     int on_device = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iin|KK$iiKOOOOKp", kwlist, &r->a.kind,
+    *sync = 0;
+    /* The common arguments positional too: the hot path passes them so, and a positional parse
+     * is the cheaper one. */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iin|KKiiKp$OOOOKp", kwlist, &r->a.kind,
                                      &r->a.dtype, &count, &send, &recv, &r->a.op, &r->a.root,
-                                     &stream, &lists[0], &lists[1], &lists[2], &lists[3], &scalar,
-                                     &on_device))
+                                     &stream, sync, &lists[0], &lists[1], &lists[2], &lists[3],
+                                     &scalar, &on_device))
         return -1;
     if (count < 0) {
         PyErr_Format(PyExc_ValueError, "element count must be >= 0, got %zd", count);
@@ -495,12 +488,17 @@ static int parse_run(NcclCommObject *self, PyObject *args, PyObject *kwds, run_a
     return 0;
 }
 
-/* run(kind, dtype, count, send=0, recv=0, *, op, root, stream, ...) -> NcclWork (None in a group)
+/*
+ * run(kind, dtype, count, send=0, recv=0, op=0, root=0, stream=0, sync=False, *, ...)
+ *   -> NcclWork (None in a group, or with sync)
+ * sync: also make `stream` wait for the work (fs_nccl_work_wait_stream) and drop it, in the
+ * same call: async_op=False without a Python object or a second trip into C.
  */
 static PyObject *NcclComm_run(NcclCommObject *self, PyObject *args, PyObject *kwds)
 {
     run_args_t r;
-    if (comm_check_open(self) < 0 || parse_run(self, args, kwds, &r) < 0)
+    int sync = 0;
+    if (comm_check_open(self) < 0 || parse_run(self, args, kwds, &r, &sync) < 0)
         return NULL;
     fs_nccl_work_t *w = NULL;
     fs_error_t err;
@@ -509,6 +507,11 @@ static PyObject *NcclComm_run(NcclCommObject *self, PyObject *args, PyObject *kw
     self->busy++;
     PyThreadState *ts = PyEval_SaveThread();
     int rc = fs_nccl_run(c, &r.a, &w, &err);
+    if (rc == FS_OK && sync && w != NULL) {
+        rc = fs_nccl_work_wait_stream(w, r.a.stream, &err);
+        fs_nccl_work_release(w);
+        w = NULL;
+    }
     PyEval_RestoreThread(ts);
     self->busy--;
     run_args_free(&r);
@@ -600,10 +603,11 @@ static PyObject *NcclComm_get_closed(NcclCommObject *self, void *Py_UNUSED(c))
 
 static PyMethodDef NcclComm_methods[] = {
     {"run", (PyCFunction)(void (*)(void))NcclComm_run, METH_VARARGS | METH_KEYWORDS,
-     "run(kind, dtype, count, send=0, recv=0, *, op=0, root=0, stream=0, send_counts=None, "
-     "send_displs=None, recv_counts=None, recv_displs=None, premul_scalar=0, "
-     "premul_scalar_on_device=False) -> NcclWork, or None inside a group. Enqueues after the "
-     "work already on `stream`; pointers and counts as ints"},
+     "run(kind, dtype, count, send=0, recv=0, op=0, root=0, stream=0, sync=False, *, "
+     "send_counts=None, send_displs=None, recv_counts=None, recv_displs=None, premul_scalar=0, "
+     "premul_scalar_on_device=False) -> NcclWork, or None inside a group or with sync. "
+     "Enqueues after the work already on `stream`; sync: `stream` also waits for the work "
+     "(without blocking the host); pointers and counts as ints"},
     {"group_start", (PyCFunction)NcclComm_group_start, METH_NOARGS,
      "group_start(): coalesce the next calls of this thread (ncclGroupStart)"},
     {"group_end", (PyCFunction)NcclComm_group_end, METH_NOARGS,

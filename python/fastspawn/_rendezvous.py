@@ -300,23 +300,42 @@ class Rendezvous:
 
 
 def default_backend() -> str:
-    """fastspawn's shared-memory backend on a machine without CUDA (gloo where it
-    is not registered); with CUDA, NCCL for CUDA tensors and gloo for CPU ones.
-
-    The fastspawn backend is a Python ProcessGroup, and torch hands such a group
-    every tensor whatever the device map says, so it cannot share a group with
-    NCCL yet; it becomes the CPU half there once it is a per-device Backend.
-    """
+    """"fastspawn": one group for CPU tensors (shared memory) and CUDA tensors (NCCL,
+    through fastspawn's C layer). Where it is not registered: gloo, with NCCL for CUDA
+    tensors where CUDA is present."""
     import torch
     import torch.distributed as dist
 
-    if torch.cuda.is_available():
-        return "cpu:gloo,cuda:nccl"
-    return "fastspawn" if "fastspawn" in getattr(dist.Backend, "backend_list", []) else "gloo"
+    if "fastspawn" in getattr(dist.Backend, "backend_list", []):
+        return "fastspawn"
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def _uses_cuda(backend: str) -> bool:
     return any(word in backend.lower() for word in ("nccl", "cuda", "xccl"))
+
+
+def set_rank_device(backend: str) -> None:
+    """Make LOCAL_RANK (modulo the device count) this rank's CUDA device, for a group
+    that may drive GPUs. NCCL backends: now (torch's NCCL expects it). fastspawn's
+    group: when CUDA initialises (torch.cuda's queued calls), so a rank that never
+    touches a GPU pays no CUDA context; the first CUDA tensor, current_device() or
+    set_device() finds it set. Other backends: nothing."""
+    import torch
+
+    fastspawn = "fastspawn" in backend.lower()
+    if not (_uses_cuda(backend) or fastspawn) or not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    if count <= 0:
+        return
+    device = int(os.environ.get("LOCAL_RANK", "0")) % count
+    lazy_call = getattr(torch.cuda, "_lazy_call", None)  # torch 2.1 .. 2.13 at least
+    if fastspawn and not _uses_cuda(backend) and lazy_call is not None \
+            and not torch.cuda.is_initialized():
+        lazy_call(lambda: torch.cuda.set_device(device))
+    else:
+        torch.cuda.set_device(device)
 
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -430,11 +449,11 @@ def init_process_group(backend: str | None = None,
     """Create the default process group inside a rank started by fastspawn.
 
     Rank, world size and store come from the launcher. ``backend`` defaults to
-    :func:`default_backend`. When the backend drives CUDA (NCCL), the rank's
-    device is set to ``LOCAL_RANK`` (modulo the device count) first. Other keyword arguments go
+    :func:`default_backend` ("fastspawn": CPU and CUDA tensors in one group). Where
+    CUDA is present the rank's device is ``LOCAL_RANK`` (modulo the device count):
+    see :func:`set_rank_device`. Other keyword arguments (``device_id=`` included) go
     to ``torch.distributed.init_process_group``.
     """
-    import torch
     import torch.distributed as dist
 
     if not os.environ.get(_ENV_STORE_ADDR):
@@ -447,10 +466,10 @@ def init_process_group(backend: str | None = None,
             raise TypeError(f"init_process_group() got {name}=: fastspawn provides it")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     backend = backend or default_backend()
-    # Only a group that drives GPUs touches CUDA: creating a CUDA context costs
-    # hundreds of milliseconds that a CPU-only group must not pay.
-    if _uses_cuda(backend) and torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    # Only a group that drives GPUs touches CUDA, and fastspawn's only at its first CUDA
+    # use: creating a CUDA context costs hundreds of milliseconds that a CPU-only rank
+    # must not pay.
+    set_rank_device(backend)
     options: dict[str, Any] = dict(kwargs)
     if timeout:
         options["timeout"] = timeout
@@ -468,4 +487,5 @@ __all__: list[str] = [
     "init_process_group",
     "install_rank_rendezvous",
     "launcher_store",
+    "set_rank_device",
 ]

@@ -1,4 +1,5 @@
-"""The "fastspawn" torch.distributed backend: shared-memory CPU collectives.
+"""The "fastspawn" torch.distributed backend: shared-memory collectives for CPU
+tensors, NCCL for CUDA tensors, in one process group.
 
 Importing this module registers the backend, so that
 
@@ -21,9 +22,13 @@ On torch 2.1, which lets go of a Python Work that C++ (DDP) holds, the backend
 keeps each Work until its first wait() or get_future() (see
 _torch_keeps_python_works).
 
-Tensors must be CPU tensors; non-contiguous ones are copied. Reductions take
-float32, float64, float16, bfloat16, int8, uint8, int32, int64, bool (and
-complex for SUM/AVG); data-moving collectives take any dtype.
+CPU tensors: non-contiguous ones are copied. Reductions take float32, float64,
+float16, bfloat16, int8, uint8, int32, int64, bool (and complex for SUM/AVG);
+data-moving collectives take any dtype.
+
+CUDA tensors go to the group's CUDA half (_cuda.py, _cuda_coll.py: NCCL, loaded at the
+first CUDA collective, one communicator per device, ProcessGroupNCCL's stream semantics). Each
+collective below starts with that dispatch, one attribute test on the CPU path.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ import torch.distributed as dist
 # allgather without one, so the defaults come from where they are defined.
 from torch._C import _distributed_c10d as _c10d
 
-from . import _C
+from . import _C, _cuda
+from ._cuda_coll import CudaHalf
 
 BACKEND_NAME = "fastspawn"
 
@@ -114,10 +120,9 @@ def _check_cpu(t: torch.Tensor, what: str) -> None:
         raise TypeError(f"fastspawn: {what} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
         raise ValueError(
-            f"fastspawn: {what} is on {t.device}; the fastspawn backend handles CPU tensors "
-            "only: move it to the CPU, or use NCCL for CUDA tensors (fastspawn."
-            "init_process_group() picks 'cpu:gloo,cuda:nccl' where CUDA is present, or "
-            "create a separate group with dist.new_group(backend='nccl'))"
+            f"fastspawn: {what} is on {t.device}, but this call's first tensor is on the CPU: "
+            "every tensor of one collective must be on the same device (CPU tensors run on "
+            "shared memory, CUDA tensors through NCCL)"
         )
     if t.layout != torch.strided:
         raise ValueError(f"fastspawn: {what} has layout {t.layout}; only dense tensors are supported")
@@ -475,6 +480,10 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         self._engine = _Engine(comm, pin_works=not _torch_keeps_python_works())
         _live_engines.add(self._engine)
         weakref.finalize(self, self._engine.close)
+        # CUDA tensors: NCCL, nothing loaded or connected before the first CUDA collective.
+        self._cuda = CudaHalf(store, rank, world_size, seconds,
+                              pin_works=self._engine.pins is not None)
+        weakref.finalize(self, _cuda.close_quietly, self._cuda)
 
     # -- identity ---------------------------------------------------------------
     def getBackendName(self) -> str:
@@ -491,12 +500,22 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
 
     # -- lifetime ---------------------------------------------------------------
     def shutdown(self) -> None:
-        """Let queued collectives finish, then leave the communicator."""
+        """Let queued collectives finish, then leave the communicators."""
         self._engine.close()
+        self._cuda.close()
 
     def abort(self) -> None:
         """Fail every pending collective here and on every peer, then leave."""
-        self._engine.close(abort_reason=f"rank {self._rank} aborted the process group")
+        reason = f"rank {self._rank} aborted the process group"
+        self._cuda.close(abort_reason=reason)
+        self._engine.close(abort_reason=reason)
+
+    def _get_backend(self, device):
+        """torch asks this for the backend of a device (init_process_group(device_id=...)
+        connects eagerly through what it answers for a CUDA device)."""
+        if torch.device(device).type == "cuda":
+            return self._cuda.backend_view(device)
+        return super()._get_backend(device)
 
     # -- helpers ----------------------------------------------------------------
     def _launch(self, kind, dtype, op, root, send, recv, count, result, *, opts=None,
@@ -544,6 +563,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
             return self._engine.launch(
                 (_C.COLL_ALLREDUCE, _DTYPES[t.dtype], op, 0, ptr, ptr, n), tensors, keep=(t,),
                 sync=getattr(opts, "asyncOp", True) is False, nbytes=n * t.element_size())
+        if t.is_cuda:
+            return self._cuda.allreduce(tensors, opts)
         finish = _Finish()
         buf = finish.inout(t, "allreduce tensor")
         view, code = _reduce_dtype(buf, op)
@@ -551,6 +572,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             opts=opts, finish=finish, keep=(buf,), nbytes=buf.nbytes)
 
     def allreduce_coalesced(self, tensors, opts=None):
+        if tensors and tensors[0].is_cuda:
+            return self._cuda.allreduce_coalesced(tensors, opts)
         opts = opts if opts is not None else _c10d.AllreduceCoalescedOptions()
         if not tensors:
             return _done_work(self._engine, tensors)
@@ -570,6 +593,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             opts=opts, finish=finish, keep=(flat,), nbytes=flat.nbytes)
 
     def reduce(self, tensors, opts=None):
+        if tensors and tensors[0].is_cuda:
+            return self._cuda.reduce(tensors, opts)
         opts = opts if opts is not None else _c10d.ReduceOptions()
         t = self._single(tensors, "reduce")
         op, root = _reduce_op(opts), self._root(opts)
@@ -581,6 +606,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             opts=opts, finish=finish, keep=(buf,), nbytes=buf.nbytes)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
+        if output_tensors and output_tensors[0].is_cuda:
+            return self._cuda.reduce_scatter(output_tensors, input_tensors, opts)
         opts = opts if opts is not None else _c10d.ReduceScatterOptions()
         out = self._single(output_tensors, "reduce_scatter output")
         inputs = self._single(input_tensors, "reduce_scatter input")
@@ -600,6 +627,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             keep=keep + (buf, flat), nbytes=flat.nbytes)
 
     def reduce_scatter_single(self, output, input, opts=None):
+        if output.is_cuda:
+            return self._cuda.reduce_scatter_single(output, input, opts)
         opts = opts if opts is not None else _c10d.ReduceScatterOptions()
         _check_cpu(output, "reduce_scatter output")
         if input.numel() != output.numel() * self._world_size or input.dtype != output.dtype:
@@ -614,6 +643,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
     _reduce_scatter_base = reduce_scatter_single
 
     def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
+        if outputs and outputs[0].is_cuda:
+            return self._cuda.reduce_scatter_tensor_coalesced(outputs, inputs, opts)
         works = [self.reduce_scatter_single(o, i, opts) for o, i in zip(outputs, inputs)]
         return works[-1] if works else _done_work(self._engine, outputs)
 
@@ -621,6 +652,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
 
     # -- data movement ----------------------------------------------------------
     def broadcast(self, tensors, opts=None):
+        if tensors and tensors[0].is_cuda:
+            return self._cuda.broadcast(tensors, opts)
         opts = opts if opts is not None else _c10d.BroadcastOptions()
         t = self._single(tensors, "broadcast")
         root = self._root(opts)
@@ -631,6 +664,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             tensors, opts=opts, finish=finish, keep=(buf,), nbytes=data.numel())
 
     def allgather(self, output_tensors, input_tensors, opts=None):
+        if input_tensors and input_tensors[0].is_cuda:
+            return self._cuda.allgather(output_tensors, input_tensors, opts)
         opts = opts if opts is not None else _c10d.AllgatherOptions()
         outs = self._single(output_tensors, "allgather output")
         inp = _contiguous(self._single(input_tensors, "allgather input"), "allgather input")
@@ -645,6 +680,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             nbytes=flat.numel())
 
     def all_gather_single(self, output, input, opts=None):
+        if input.is_cuda:
+            return self._cuda.all_gather_single(output, input, opts)
         opts = opts if opts is not None else _c10d.AllgatherOptions()
         _check_cpu(output, "all_gather output")
         inp = _contiguous(input, "all_gather input")
@@ -663,12 +700,16 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
     _allgather_base = all_gather_single
 
     def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
+        if inputs and inputs[0].is_cuda:
+            return self._cuda.allgather_into_tensor_coalesced(outputs, inputs, opts)
         works = [self.all_gather_single(o, i, opts) for o, i in zip(outputs, inputs)]
         return works[-1] if works else _done_work(self._engine, outputs)
 
     all_gather_single_coalesced = allgather_into_tensor_coalesced
 
     def gather(self, output_tensors, input_tensors, opts=None):
+        if input_tensors and input_tensors[0].is_cuda:
+            return self._cuda.gather(output_tensors, input_tensors, opts)
         opts = opts if opts is not None else _c10d.GatherOptions()
         root = self._root(opts)
         inp = _contiguous(self._single(input_tensors, "gather input"), "gather input")
@@ -686,6 +727,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             nbytes=src.numel() * self._world_size)
 
     def scatter(self, output_tensors, input_tensors, opts=None):
+        if output_tensors and output_tensors[0].is_cuda:
+            return self._cuda.scatter(output_tensors, input_tensors, opts)
         opts = opts if opts is not None else _c10d.ScatterOptions()
         root = self._root(opts)
         out = self._single(output_tensors, "scatter output")
@@ -703,6 +746,8 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             nbytes=dst.numel() * self._world_size)
 
     def alltoall(self, output_tensors, input_tensors, opts=None):
+        if input_tensors and input_tensors[0].is_cuda:
+            return self._cuda.alltoall(output_tensors, input_tensors, opts)
         opts = opts if opts is not None else _c10d.AllToAllOptions()
         n = self._world_size
         if len(output_tensors) != n or len(input_tensors) != n:
@@ -715,6 +760,9 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                                      opts, keep=tuple(ins))
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
+        if input.is_cuda:
+            return self._cuda.all_to_all_single(output, input, output_split_sizes,
+                                           input_split_sizes, opts)
         opts = opts if opts is not None else _c10d.AllToAllOptions()
         n = self._world_size
         _check_cpu(output, "all_to_all output")
@@ -781,19 +829,54 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             nbytes=send.numel())
 
     def barrier(self, opts=None):
+        if _cuda.barrier_device(opts) is not None:  # dist.barrier(device_ids=[...])
+            return self._cuda.barrier(opts)
         return self._launch(_C.COLL_BARRIER, 0, 0, 0, None, None, 0, [], opts=opts)
+
+    # -- CUDA only ----------------------------------------------------------------
+    def send(self, tensors, dstRank, tag=0):
+        if tensors and tensors[0].is_cuda:
+            return self._cuda.send(tensors, dstRank, tag)
+        raise _no_cpu_p2p()
+
+    def recv(self, tensors, srcRank, tag=0):
+        if tensors and tensors[0].is_cuda:
+            return self._cuda.recv(tensors, srcRank, tag)
+        raise _no_cpu_p2p()
+
+    def recv_anysource(self, tensors, tag=0):
+        if tensors and tensors[0].is_cuda:
+            return self._cuda.recv_anysource(tensors, tag)
+        raise _no_cpu_p2p()
+
+    # torch's _coalescing_manager(group, device): the collectives in between go to NCCL
+    # as one group; on the CPU each runs as it comes (nothing to gain from grouping).
+    def _start_coalescing(self, device):
+        if torch.device(device).type == "cuda":
+            self._cuda._start_coalescing(device)
+
+    def _end_coalescing(self, device):
+        if torch.device(device).type == "cuda":
+            return self._cuda._end_coalescing(device)
+        return self._engine.sync_done
+
+
+def _no_cpu_p2p() -> Exception:
+    return NotImplementedError(
+        "fastspawn: send/recv of CPU tensors is not supported yet (CUDA tensors are); "
+        "use a collective, or a gloo group for them: dist.new_group(backend='gloo')")
 
 
 def _create(*args):
     """The backend creator, for both register_backend call shapes:
     (store, rank, world_size, timeout) and, with extended_api, (DistributedBackendOptions,
     backend options)."""
+    group = _cuda.group_class(ProcessGroupFastspawn)  # (a test-only subclass, see _cuda)
     if len(args) == 2:
         bopts = args[0]
-        return ProcessGroupFastspawn(bopts.store, bopts.group_rank, bopts.group_size,
-                                     bopts.timeout)
+        return group(bopts.store, bopts.group_rank, bopts.group_size, bopts.timeout)
     store, rank, world_size, timeout = args
-    return ProcessGroupFastspawn(store, rank, world_size, timeout)
+    return group(store, rank, world_size, timeout)
 
 
 def register() -> None:
@@ -801,7 +884,7 @@ def register() -> None:
     if BACKEND_NAME.upper() in getattr(dist.Backend, "_plugins", {}):
         return
     try:
-        dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu"])
+        dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu", "cuda"])
     except TypeError:  # a torch without the devices argument
         dist.Backend.register_backend(BACKEND_NAME, _create)
 

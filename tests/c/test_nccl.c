@@ -1236,7 +1236,11 @@ static void rank_nothing_named(int rank, int world, const unsigned char *id, voi
     int memfd = 0, named = 0;
     while (f != NULL && fgets(line, sizeof line, f) != NULL) {
         memfd += strstr(line, "/memfd:fake-nccl (deleted)") != NULL;
-        named += strstr(line, "/dev/shm/") != NULL || strstr(line, " /tmp/") != NULL;
+        /* a shared mapping ("rw-s") of a file with a name (libraries are private mappings,
+         * and the checkout itself may live in /tmp) */
+        const char *perms = strchr(line, ' ');
+        int shared = perms != NULL && strlen(perms) > 4 && perms[4] == 's';
+        named += shared && (strstr(line, "/dev/shm/") != NULL || strstr(line, " /tmp/") != NULL);
     }
     if (f != NULL)
         fclose(f);

@@ -22,7 +22,14 @@
  *   FAKE_NCCL_INPROGRESS=n         a non-blocking call reports ncclInProgress for n
  *                                  polls (default 1); -1: forever
  *   FAKE_NCCL_NO_PEER_CHECK=1      a dead peer is not noticed (calls just wait)
+ *
+ * The runtime it uses is the fake libcudart.so.13 next to it, opened by path and
+ * called through dlsym: never by symbol lookup, which in a process that imported a
+ * CUDA build of torch would find the real runtime (torch loads it RTLD_GLOBAL, and
+ * under the same soname). Built with -Bsymbolic, so its calls to its own functions
+ * (ncclGetVersion) do not land in a real NCCL loaded the same way.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <linux/futex.h>
 #include <math.h>
@@ -43,6 +50,51 @@
 
 #include "fake.h"
 #include "nccl_abi.h"
+
+/* ------------------------------------------------------------------ */
+/* The fake runtime next to this library                              */
+/* ------------------------------------------------------------------ */
+
+static struct {
+    fs__cudaError_t (*launch_host_func)(fs__cudaStream_t, fakecuda_host_fn, void *);
+    fs__cudaError_t (*get_device)(int *);
+    void (*log)(const char *, ...);
+} rt;
+static pthread_once_t rt_once = PTHREAD_ONCE_INIT;
+
+static void rt_load(void)
+{
+    Dl_info me;
+    char path[4096];
+    void *h = NULL;
+    if (dladdr((void *)&rt_load, &me) != 0 && me.dli_fname != NULL &&
+        strlen(me.dli_fname) < sizeof path - 32) {
+        strcpy(path, me.dli_fname);
+        char *slash = strrchr(path, '/');
+        strcpy(slash != NULL ? slash + 1 : path, "libcudart.so.13");
+        h = dlopen(path, RTLD_NOW | RTLD_LOCAL); /* the copy already loaded, if it is */
+    }
+    void *f = h != NULL ? dlsym(h, "cudaLaunchHostFunc") : NULL;
+    void *g = h != NULL ? dlsym(h, "cudaGetDevice") : NULL;
+    void *l = h != NULL ? dlsym(h, "fakecuda_log") : NULL;
+    if (f == NULL || g == NULL || l == NULL) {
+        fprintf(stderr, "fake NCCL: cannot load the fake libcudart.so.13 next to it: %s\n",
+                dlerror());
+        abort();
+    }
+    memcpy(&rt.launch_host_func, &f, sizeof f);
+    memcpy(&rt.get_device, &g, sizeof g);
+    memcpy(&rt.log, &l, sizeof l);
+}
+
+static void rt_ready(void)
+{
+    (void)pthread_once(&rt_once, rt_load);
+}
+
+#define cudaLaunchHostFunc(...) (rt_ready(), rt.launch_host_func(__VA_ARGS__))
+#define cudaGetDevice(...) (rt_ready(), rt.get_device(__VA_ARGS__))
+#define fakecuda_log(...) (rt_ready(), rt.log(__VA_ARGS__))
 
 #define MAX_RANKS 8
 #define BOX_BYTES (64 * 1024)
