@@ -39,6 +39,14 @@ def torch_rank(i, n, port):
     dist.destroy_process_group()
 
 
+def tutorial_rank(i, n, port):
+    # The mp.spawn tutorial's own rendezvous, unchanged (works under both launchers).
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=i,
+                            world_size=n)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def hand_picked_port():
     # What scripts do today (and why they clash): ask for a free port, hope.
     with socket.socket() as s:
@@ -67,6 +75,10 @@ def main():
               (lambda b: lambda n: fastspawn.spawn(fs_rank, args=(b,), nprocs=n))(b), False)
              for b in backends]
     cases += [
+        ("fastspawn (auto), tutorial's tcp:// + gloo", lambda n: fastspawn.spawn(
+            tutorial_rank, args=(n, hand_picked_port()), nprocs=n), False),
+        ("torch spawn, tutorial's tcp:// + gloo", lambda n: torch_mp.spawn(
+            tutorial_rank, args=(n, hand_picked_port()), nprocs=n), True),
         ("torch fork + gloo", lambda n: torch_mp.start_processes(
             torch_rank, args=(n, hand_picked_port()), nprocs=n, start_method="fork"), False),
         ("torch spawn + gloo", lambda n: torch_mp.spawn(
@@ -92,10 +104,13 @@ def main():
                                                   for n in args.n) + " |")
     lines += ["", "| speed-up of fastspawn | " + " | ".join(f"N={n}" for n in args.n) + " |",
               "|---|" + "---|" * len(args.n)]
-    for label, _, _ in cases[:len(backends)]:
-        for other in ("torch spawn + gloo", "torch fork + gloo"):
-            lines.append(f"| {label} vs {other} | " + " | ".join(
-                f"{res[(other, n)] / res[(label, n)]:.1f}x" for n in args.n) + " |")
+    pairs = [(label, other) for label, _, _ in cases[:len(backends)]
+             for other in ("torch spawn + gloo", "torch fork + gloo")]
+    pairs.append(("fastspawn (auto), tutorial's tcp:// + gloo",
+                  "torch spawn, tutorial's tcp:// + gloo"))
+    for label, other in pairs:
+        lines.append(f"| {label} vs {other} | " + " | ".join(
+            f"{res[(other, n)] / res[(label, n)]:.1f}x" for n in args.n) + " |")
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     if args.out:
