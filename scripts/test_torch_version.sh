@@ -4,8 +4,11 @@
 #   scripts/test_torch_version.sh 2.1.2 [pytest arguments...]
 #
 # - Creates (or reuses) .venv-torch-VERSION in the repo root with torch==VERSION and
-#   what the suite needs: numpy<2, pytest, pytest-timeout, cloudpickle. (The other
-#   entries of requirements-dev.txt serve the examples and benchmarks, not the tests.)
+#   what the suite needs: numpy<2, pytest, pytest-timeout, cloudpickle, and
+#   scikit-learn (the data set of examples/tutorial_spawn.py, which a test runs).
+#   The other entries of requirements-dev.txt serve lint and benchmarks; without
+#   the nvidia-* pins the NCCL ABI check compares against the nccl.h that this
+#   torch's own wheel brings (2.18 for torch 2.1).
 #   Also setuptools>=77: older ones reject pyproject's SPDX `license = "..."`.
 #   A venv whose stamp matches is reused as it is: nothing is downloaded.
 # - Builds fastspawn._C in place with that venv's Python. The extension is plain
@@ -32,7 +35,7 @@ fi
 
 venv="$root/.venv-torch-$version"
 py="$venv/bin/python"
-reqs=("torch==$version" "numpy<2" "pytest" "pytest-timeout" "cloudpickle" "setuptools>=77" "wheel")
+reqs=("torch==$version" "numpy<2" "pytest" "pytest-timeout" "cloudpickle" "scikit-learn" "setuptools>=77" "wheel")
 want=$(printf '%s\n' "${reqs[@]}" | sha256sum | cut -c1-16)
 
 if [ -x "$py" ] && [ "$(cat "$venv/.fs-stamp" 2>/dev/null)" = "$want" ]; then
