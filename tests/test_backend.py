@@ -439,8 +439,9 @@ def _reinit(rank, world, path):
             assert u.tolist() == [2.0, 2.0]
         dist.destroy_process_group()
     if not hasattr(dist.ProcessGroup, "shutdown"):
-        # a torch without ProcessGroup.shutdown (2.1) shuts no group down in destroy_process_group(): a group's backend (ours
-        # as gloo's) lives until its last reference goes, here the variable `sub`.
+        # A torch without ProcessGroup.shutdown (2.1) shuts no group down in
+        # destroy_process_group(): a group's backend (ours as gloo's) lives until its
+        # last reference goes, here the variable `sub`.
         del sub
     # nothing of the segments is left with this rank: no fd, no mapping, no store key
     fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
