@@ -26,6 +26,10 @@ thus serves both devices, as ``dist.init_process_group("fastspawn")`` promises.
   ``Work.get_future()`` is CUDA-aware, completed on the communication stream
   (DDP's callbacks run after the NCCL work). ``Work.synchronize()`` and
   barriers block the host, bounded by the group timeout.
+- Send / recv are deferred: queued on their communicator with the caller's current
+  stream and issued together, as one NCCL group, when something needs them (a
+  method of one of their Works, the next other collective, a coalescing block,
+  shutdown), so crossing sends never wait for each other (CudaComms.defer).
 - Errors: the C layer's (a watchdog timeout names the collective, its
   sequence number and the timeout; a dead peer, NCCL's asynchronous error)
   become torch's DistBackendError; bad input is a TypeError or ValueError
@@ -286,7 +290,10 @@ class CudaWork(dist._Work):
 
     wait(): the caller's current stream waits for it (the host does not block,
     unless a timeout is given: then the host waits up to that long); synchronize():
-    the host waits; get_future(): a CUDA-aware torch Future."""
+    the host waits; get_future(): a CUDA-aware torch Future.
+
+    A deferred send or receive (CudaComms.defer) has no NCCL work yet: every one of
+    these methods but exception() first issues what its communicator has queued."""
 
     def __init__(self, half: "CudaComms", comm: "_Comm", nwork, result, keep=(),
                  barrier: bool = False):
@@ -299,8 +306,15 @@ class CudaWork(dist._Work):
         self._barrier = barrier
         self._fut = None
         self._exc = None
+        # A deferred send / recv: its run() arguments until the communicator issues it.
+        self._p2p = None
         if half._pins is not None:
             half._pin(self)
+
+    def _issue(self) -> None:
+        """A deferred send / recv: issue everything its communicator has queued."""
+        if self._p2p is not None:
+            self._half.issue_deferred(self._comm)
 
     def _fail(self, e: BaseException) -> BaseException:
         self._exc = _wrap(e)
@@ -321,6 +335,7 @@ class CudaWork(dist._Work):
         half = self._half
         if half._pins is not None:
             half._unpin(self)
+        self._issue()
         if self._exc is not None:
             raise self._exc
         if self._nwork is None:  # inside an open coalescing block: nothing launched yet
@@ -337,10 +352,14 @@ class CudaWork(dist._Work):
         return True
 
     def synchronize(self) -> None:
+        self._issue()
         if self._nwork is not None:
             self._host_wait(None)
+        elif self._exc is not None:  # a deferred send / recv whose issue failed
+            raise self._exc
 
     def is_completed(self) -> bool:
+        self._issue()
         if self._exc is not None:
             return True
         if self._nwork is None:
@@ -367,6 +386,7 @@ class CudaWork(dist._Work):
         half = self._half
         if half._pins is not None:
             half._unpin(self)
+        self._issue()  # the future completes on the communication stream: after the work
         if self._fut is None:
             if half._t.host_is_device:
                 self.wait()
@@ -408,13 +428,18 @@ class _DoneWork(dist._Work):
 class _Comm:
     """One NCCL communicator of a group: its device and communication stream."""
 
-    __slots__ = ("nccl", "dev", "ext", "pending")
+    __slots__ = ("deferred", "dev", "ext", "issue_lock", "nccl", "pending")
 
     def __init__(self, nccl, dev: int, ext):
         self.nccl = nccl
         self.dev = dev
         self.ext = ext  # the communication stream as a torch stream (None in test mode)
         self.pending = None  # Works of an open coalescing block (a list), else None
+        # Sends and receives not issued yet (CudaComms.defer), in call order; the list
+        # is emptied only once they are issued, so a collective that sees it non-empty
+        # waits for an issue in progress (issue_lock) instead of racing its NCCL group.
+        self.deferred: list[CudaWork] = []
+        self.issue_lock = threading.Lock()  # guards deferred, held while it is issued
 
 
 class _DeviceBackend:
@@ -533,14 +558,95 @@ class CudaComms:
             comms, self._comms = list(self._comms.values()), {}
         first = None
         for comm in comms:
+            # Queued sends and receives go first and get the same CLOSE_TIMEOUT; their
+            # Works (and in test mode their host buffers) live until the close waited.
+            queued = list(comm.deferred)
             try:
                 if abort_reason is not None:
                     comm.nccl.abort(abort_reason)
+                    self._drop_deferred(comm, abort_reason)
+                else:
+                    first = first or self.issue_deferred(comm)
                 comm.nccl.close(0 if abort_reason is not None else CLOSE_TIMEOUT)
             except Exception as e:  # noqa: BLE001 - close the others first
                 first = first or e
+            queued.clear()
         if first is not None and abort_reason is None:
             raise _wrap(first)
+
+    # -- deferred send / recv ---------------------------------------------------
+    # A send or receive outside a coalescing block is queued on its communicator and
+    # returns a Work at once; everything queued is issued as ONE NCCL group when
+    # anything needs it: any method of one of their Works (wait, is_completed,
+    # get_future, synchronize), the next other collective on that communicator (before
+    # it), the start of a coalescing block, or the group's shutdown. So two ranks whose
+    # sends cross (batch_isend_irecv, which torch runs call by call on a Python group)
+    # never wait for each other, whatever the size.
+    def _issue_lock(self, comm: _Comm) -> None:
+        if not comm.issue_lock.acquire(timeout=self._timeout):
+            raise _BackendError(
+                f"fastspawn: the queued sends and receives on {self._t.name(comm.dev)} were "
+                f"still being issued by another thread after {self._timeout:g} s")
+
+    def defer(self, comm: _Comm, args: tuple, result, t: torch.Tensor) -> CudaWork:
+        """Queue one send / recv (args: NcclComm.run's, with the caller's current stream,
+        captured now); its Work issues it when asked."""
+        work = CudaWork(self, comm, None, result, (t,))
+        work._p2p = args
+        self._issue_lock(comm)
+        try:
+            comm.deferred.append(work)
+        finally:
+            comm.issue_lock.release()
+        return work
+
+    def issue_deferred(self, comm: _Comm) -> BaseException | None:
+        """Issue comm's queued sends and receives as one NCCL group, each after the work
+        on the stream that was current when it was called (C records an event on each
+        and makes the communication stream wait for it). A failure becomes every queued
+        Work's error (raised by its wait()), and is returned."""
+        if not comm.deferred:
+            return None
+        self._issue_lock(comm)
+        try:
+            works = comm.deferred
+            if not works:  # another thread issued them while this one waited
+                return None
+            nccl = comm.nccl
+            try:
+                nccl.group_start()
+                try:
+                    for w in works:
+                        nccl.run(*w._p2p)
+                finally:
+                    nwork = nccl.group_end()
+            except Exception as e:  # noqa: BLE001 - the Works' error
+                err = _wrap(e)
+                for w in works:
+                    w._exc, w._p2p, w._keep = err, None, ()
+                return err
+            for w in works:
+                w._nwork, w._p2p = nwork, None
+                if not self._t.host_is_device:  # as _finish does for asynchronous calls
+                    for t in w._keep:
+                        t.record_stream(comm.ext)
+                    w._keep = ()
+            return None
+        finally:
+            comm.deferred = []
+            comm.issue_lock.release()
+
+    def _drop_deferred(self, comm: _Comm, reason: str) -> None:
+        """An abort: queued sends and receives are never issued; their Works fail."""
+        self._issue_lock(comm)
+        try:
+            works, comm.deferred = comm.deferred, []
+        finally:
+            comm.issue_lock.release()
+        for w in works:
+            kind = "send" if w._p2p[0] == _SEND else "receive"
+            w._exc = _BackendError(f"fastspawn: {reason} before this {kind} was issued")
+            w._p2p, w._keep = None, ()
 
     # -- Works ------------------------------------------------------------------
     def _pin(self, work) -> None:
@@ -619,12 +725,23 @@ class CudaComms:
                 "result back)")
         return t
 
-    def _first(self, t, what: str):
-        """(communicator, device) for a call whose first tensor is t, checked."""
+    def _first(self, t, what: str, p2p: bool = False):
+        """(communicator, device) for a call whose first tensor is t, checked; a call
+        other than a send / recv (p2p) issues the sends and receives queued before it."""
         dev = self._device(t, what)
         comm = self._comms.get(dev) or self.connect(dev)
         self._check(t, what, dev)
+        if comm.deferred and not p2p:
+            self.issue_deferred(comm)
         return comm, dev
+
+    def _comm_of(self, dev: int) -> _Comm:
+        """The communicator of device dev for a collective: queued sends and receives
+        issued first."""
+        comm = self._comms.get(dev) or self.connect(dev)
+        if comm.deferred:
+            self.issue_deferred(comm)
+        return comm
 
     def _same(self, tensors, like: torch.Tensor, what: str, dev: int) -> None:
         if len(tensors) != self._world:

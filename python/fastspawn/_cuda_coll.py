@@ -33,6 +33,8 @@ class CudaHalf(CudaComms):
         comm = self._comms.get(dev)
         if comm is None:
             comm = self.connect(self._device(t, "allreduce tensor"))
+        if comm.deferred:  # queued sends and receives go first
+            self.issue_deferred(comm)
         code = _DTYPES.get(t.dtype)
         op = _OP_BY_TYPE.get(opts.reduceOp.op)
         if code is None or op is None or op == _PREMUL or not t.is_contiguous():
@@ -286,23 +288,30 @@ class CudaHalf(CudaComms):
             displs[q] = displs[q - 1] + counts[q - 1]
         return counts, displs
 
+    # send / recv are deferred (CudaComms.defer): queued with the caller's current stream
+    # and issued together, as one NCCL group, when something needs them; dist.send /
+    # dist.recv wait at once, so they (and whatever was queued before) go out at once.
+    # Inside a coalescing block they are part of its group, as every collective.
     def send(self, tensors, dst: int, tag: int = 0):
         t = _single(tensors, "send")
-        comm, dev = self._first(t, "send tensor")
+        comm, dev = self._first(t, "send tensor", p2p=True)
         if self._peer(dst, "send destination") == self._rank:
             raise ValueError("fastspawn: a rank cannot send to itself")
-        nwork = self._run(comm, _SEND, _BYTES, t.nbytes, t.data_ptr(), 0, 0, dst,
-                          self._t.stream(dev))
-        return self._finish(comm, nwork, tensors, (t,), False)
+        args = (_SEND, _BYTES, t.nbytes, t.data_ptr(), 0, 0, dst, self._t.stream(dev))
+        return self._send_recv(comm, args, tensors, t)
 
     def recv(self, tensors, src: int, tag: int = 0):
         t = _single(tensors, "recv")
-        comm, dev = self._first(t, "recv tensor")
+        comm, dev = self._first(t, "recv tensor", p2p=True)
         if self._peer(src, "recv source") == self._rank:
             raise ValueError("fastspawn: a rank cannot receive from itself")
-        nwork = self._run(comm, _RECV, _BYTES, t.nbytes, 0, t.data_ptr(), 0, src,
-                          self._t.stream(dev))
-        return self._finish(comm, nwork, tensors, (t,), False)
+        args = (_RECV, _BYTES, t.nbytes, 0, t.data_ptr(), 0, src, self._t.stream(dev))
+        return self._send_recv(comm, args, tensors, t)
+
+    def _send_recv(self, comm, args, tensors, t):
+        if comm.pending is None:
+            return self.defer(comm, args, tensors, t)
+        return self._finish(comm, self._run(comm, *args), tensors, (t,), False)
 
     def recv_anysource(self, tensors, tag: int = 0):
         raise ValueError("fastspawn: NCCL cannot receive from any source: name the sending "
@@ -311,7 +320,7 @@ class CudaHalf(CudaComms):
     def barrier(self, opts=None):
         dev = barrier_device(opts)
         dev = self._index(torch.device("cuda", dev) if dev is not None else "cuda")
-        comm = self._comms.get(dev) or self.connect(dev)
+        comm = self._comm_of(dev)
         nwork = self._run(comm, _BARRIER, 0, 0, 0, 0, 0, 0, self._t.stream(dev))
         # As ProcessGroupNCCL's: wait() also blocks the host until every rank is there.
         return self._finish(comm, nwork, [], (), False, barrier=True)
@@ -319,7 +328,7 @@ class CudaHalf(CudaComms):
     # -- coalescing (torch's _coalescing_manager with a device) -----------------
     def _start_coalescing(self, device) -> None:
         dev = self._index(device)
-        comm = self._comms.get(dev) or self.connect(dev)
+        comm = self._comm_of(dev)  # sends and receives queued before the block go first
         if comm.pending is not None:
             raise RuntimeError(f"fastspawn: coalescing already started on {self._t.name(dev)}")
         try:
