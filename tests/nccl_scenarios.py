@@ -145,7 +145,8 @@ def reductions(rank, world):
         f = float(factor) if not isinstance(factor, torch.Tensor) else factor.item()
         same(t, expected(world, n, torch.float32, REDUCE["SUM"], scale=f), f"premul {factor}")
     residence = [c[1]["residence"] for c in calls(fake_log(), "ncclRedOpCreatePreMulSum")]
-    assert residence == (["1", "0"] if premul else []), residence  # ncclScalarHostImmediate (1), ncclScalarDevice (0)
+    # ncclScalarHostImmediate (1), ncclScalarDevice (0)
+    assert residence == (["1", "0"] if premul else []), residence
     # async + wait, and a CUDA-style future
     t = inputs(rank, n, torch.float32)
     work = dist.all_reduce(t, async_op=True)
@@ -664,13 +665,13 @@ def ddp(rank, world):
     grads = None
     for r in range(world):
         with torch.no_grad():
-            for p, ref in zip(local.parameters(), reference):
+            for p, ref in zip(local.parameters(), reference, strict=True):
                 p.copy_(ref)
         local.zero_grad()
         local(torch.full((4, 8), float(r + 1))).pow(2).sum().backward()
         g = [p.grad.clone() for p in local.parameters()]
-        grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-    for p, g in zip(model.parameters(), grads):
+        grads = g if grads is None else [a + b for a, b in zip(grads, g, strict=True)]
+    for p, g in zip(model.parameters(), grads, strict=True):
         assert torch.allclose(p.grad, g / world, rtol=1e-5, atol=1e-6), (p.grad, g / world)
     digest = float(sum(p.grad.double().sum() for p in model.parameters()))
     dist.destroy_process_group()
