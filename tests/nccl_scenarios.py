@@ -145,7 +145,8 @@ def reductions(rank, world):
         f = float(factor) if not isinstance(factor, torch.Tensor) else factor.item()
         same(t, expected(world, n, torch.float32, REDUCE["SUM"], scale=f), f"premul {factor}")
     residence = [c[1]["residence"] for c in calls(fake_log(), "ncclRedOpCreatePreMulSum")]
-    assert residence == (["1", "0"] if premul else []), residence  # ncclScalarHostImmediate (1), ncclScalarDevice (0)
+    # ncclScalarHostImmediate (1), ncclScalarDevice (0)
+    assert residence == (["1", "0"] if premul else []), residence
     # async + wait, and a CUDA-style future
     t = inputs(rank, n, torch.float32)
     work = dist.all_reduce(t, async_op=True)
@@ -339,6 +340,248 @@ def streams(rank, world):
     return "ok"
 
 
+# -- deferred send / recv: queued, issued as one NCCL group when something needs them --
+
+MIB = 1 << 18  # float32 elements in 1 MiB: far more than the fake's 64 KiB mailbox
+
+
+def p2p_calls():
+    """The fake's NCCL calls that matter for send / recv, in order."""
+    names = ("ncclGroupStart", "ncclGroupEnd", "ncclSend", "ncclRecv", "ncclAllReduce")
+    return [c for c, _ in calls(fake_log(), *names)]
+
+
+GROUP = ["ncclGroupStart", "ncclSend", "ncclRecv", "ncclGroupEnd"]
+
+
+def _p2p_setup(timeout=20):
+    """A group whose communicator exists (the log from here is the scenario's), with a
+    timeout that turns a regression (crossing sends waiting for each other) into the
+    watchdog's error well within the test's time."""
+    fastspawn.init_process_group(timeout=timedelta(seconds=timeout))
+    dist.all_reduce(torch.ones(1))
+    comm = group()._cuda.communicators[_dev()]
+    fake_log_clear()
+    return comm
+
+
+@scenario
+def p2p_batch(rank, world):
+    """batch_isend_irecv, which torch 2.13 runs op by op on a Python group: 1 MiB each
+    way in both directions around the ring, issued as one NCCL group at the first wait."""
+    comm = _p2p_setup()
+    seq = comm.seq
+    right, left = (rank + 1) % world, (rank - 1) % world
+    got_left, got_right = torch.zeros(MIB), torch.zeros(MIB)
+    reqs = dist.batch_isend_irecv([
+        dist.P2POp(dist.isend, torch.full((MIB,), 10.0 * rank + 1), right),
+        dist.P2POp(dist.isend, torch.full((MIB,), 10.0 * rank + 2), left),
+        dist.P2POp(dist.irecv, got_left, left),
+        dist.P2POp(dist.irecv, got_right, right)])
+    assert len(reqs) == 4 and p2p_calls() == [] and comm.seq == seq  # queued, not issued
+    for req in reqs:
+        req.wait()
+    log = p2p_calls()
+    assert log == ["ncclGroupStart", "ncclSend", "ncclSend", "ncclRecv", "ncclRecv",
+                   "ncclGroupEnd"], log
+    assert comm.seq == seq + 1, (comm.seq, seq)  # one group, one work
+    # what left sent to its right and right to its left, all of it
+    assert got_left.eq(10.0 * left + 1).all() and got_right.eq(10.0 * right + 2).all()
+    dist.destroy_process_group()
+    return "ok"
+
+
+@scenario
+def p2p_ring(rank, world):
+    """isend / irecv around a ring (each rank's send waits for its right neighbour's
+    receive: issued alone, 1 MiB sends would wait in a circle), finished by wait(),
+    get_future(), synchronize(), and by a blocking dist.recv that issues the queued
+    isend with it."""
+    _p2p_setup()
+    right, left = (rank + 1) % world, (rank - 1) % world
+    for finish in ("wait", "future", "synchronize", "blocking recv"):
+        got = torch.zeros(MIB)
+        mine = torch.full((MIB,), 100.0 * rank + len(finish))
+        fake_log_clear()
+        send = dist.isend(mine, right)
+        if finish == "blocking recv":
+            dist.recv(got, left)  # waits at once: the queued isend goes in the same group
+            assert p2p_calls() == GROUP, (finish, p2p_calls())
+            send.wait()
+        else:
+            recv = dist.irecv(got, left)
+            assert p2p_calls() == [], (finish, p2p_calls())
+            if finish == "wait":
+                recv.wait()
+                send.wait()
+            elif finish == "future":
+                assert recv.get_future().wait() == [got]
+                send.get_future().wait()
+            else:
+                send.synchronize()
+                recv.synchronize()
+                recv.wait()
+        assert p2p_calls() == GROUP, (finish, p2p_calls())  # issued once
+        assert got.eq(100.0 * left + len(finish)).all(), (finish, got[:3])
+    dist.destroy_process_group()
+    return "ok"
+
+
+@scenario
+def p2p_then_collective(rank, world):
+    """An isend (irecv on the peer) followed by an all_reduce on the same group: the send
+    is issued first, in a group of its own, and its Work completes."""
+    comm = _p2p_setup()
+    seq = comm.seq
+    buf = torch.full((MIB,), 5.0) if rank == 0 else torch.zeros(MIB)
+    work = dist.isend(buf, 1) if rank == 0 else dist.irecv(buf, 0) if rank == 1 else None
+    assert p2p_calls() == [], p2p_calls()
+    t = torch.ones(3)
+    dist.all_reduce(t)
+    assert t.tolist() == [float(world)] * 3, t
+    log = p2p_calls()
+    one = "ncclSend" if rank == 0 else "ncclRecv"
+    want = (["ncclGroupStart", one, "ncclGroupEnd"] if rank < 2 else []) + ["ncclAllReduce"]
+    assert log == want, log
+    if work is not None:
+        work.wait()
+        assert buf.eq(5.0).all(), buf[:3]
+    assert comm.seq == seq + (2 if rank < 2 else 1), (comm.seq, seq)
+    dist.destroy_process_group()
+    return "ok"
+
+
+@scenario
+def p2p_coalescing(rank, world):
+    """Queued sends and receives before a coalescing block are issued when it starts (as
+    a group of their own); those inside it are part of its group, as before; torch's
+    fast-path block (all_reduce calls, then allreduce_coalesced) issues them first too."""
+    comm = _p2p_setup()
+    pg, peer = group(), 1 - rank
+    seq = comm.seq
+    early = torch.zeros(MIB)
+    queued = [dist.isend(torch.full((MIB,), 1.0 + rank), peer), dist.irecv(early, peer)]
+    inside = torch.zeros(MIB)
+    t = torch.ones(2)
+    with dist._coalescing_manager(pg, torch.device("cpu"), async_ops=True) as cm:
+        dist.isend(torch.full((MIB,), 3.0 + rank), peer)
+        dist.irecv(inside, peer)
+        dist.all_reduce(t)
+    cm.wait()
+    log = p2p_calls()
+    # (torch 2.13 collects the block's all_reduce for an allreduce_coalesced: a nested group)
+    block = [c for c in log[5:-1] if c not in ("ncclGroupStart", "ncclGroupEnd")]
+    assert log[:4] == GROUP and log[4] == "ncclGroupStart" and log[-1] == "ncclGroupEnd", log
+    assert block == ["ncclSend", "ncclRecv", "ncclAllReduce"], log
+    for w in queued:
+        w.wait()
+    assert early.eq(1.0 + peer).all() and inside.eq(3.0 + peer).all() and t.tolist() == [2.0] * 2
+    assert comm.seq == seq + 2 and p2p_calls() == log  # the waits issued nothing more
+    fake_log_clear()
+    late = torch.zeros(MIB)
+    queued = [dist.isend(torch.full((MIB,), 7.0 + rank), peer), dist.irecv(late, peer)]
+    ts = [torch.ones(1), torch.ones(2)]
+    with dist._coalescing_manager():
+        for x in ts:
+            dist.all_reduce(x)
+    log = p2p_calls()
+    assert log == GROUP + ["ncclGroupStart", "ncclAllReduce", "ncclAllReduce", "ncclGroupEnd"], log
+    for w in queued:
+        w.wait()
+    assert late.eq(7.0 + peer).all() and [x.tolist() for x in ts] == [[2.0], [2.0] * 2], ts
+    dist.destroy_process_group()
+    return "ok"
+
+
+@scenario
+def p2p_is_completed(rank, world):
+    """Polling is_completed() on a queued send issues it (else it would never complete)."""
+    _p2p_setup()
+    peer, got = 1 - rank, torch.zeros(MIB)
+    works = [dist.isend(torch.full((MIB,), 2.0 + rank), peer), dist.irecv(got, peer)]
+    assert p2p_calls() == []
+    deadline = time.monotonic() + 15
+    while not all(w.is_completed() for w in works):
+        assert time.monotonic() < deadline, "is_completed() never became True"
+        time.sleep(0.005)
+    assert p2p_calls() == GROUP and all(w.is_success() for w in works), p2p_calls()
+    assert got.eq(2.0 + peer).all(), got[:3]
+    dist.destroy_process_group()
+    return "ok"
+
+
+@scenario
+def p2p_streams(rank, world):
+    """Each queued op waits for the stream that was current when it was called (captured
+    then, recorded when the group is issued); the waiter's stream waits for the group."""
+    comm = _p2p_setup()
+    rt = ctypes.CDLL(os.environ["FASTSPAWN_CUDART_LIBRARY"])
+
+    def new_stream():
+        s = ctypes.c_void_p()
+        assert rt.cudaStreamCreateWithPriority(ctypes.byref(s), 1, 0) == 0
+        return s.value
+
+    half, current = group()._cuda, [0]
+    streams = [new_stream() for _ in range(3)]
+
+    class Streams(half._t):  # the test adapter, with a current stream of our choosing
+        @staticmethod
+        def stream(dev):
+            return current[0]
+
+    half._t = Streams
+    peer, got = 1 - rank, torch.zeros(4)
+    current[0] = streams[0]
+    send = dist.isend(torch.full((4,), 1.0 + rank), peer)
+    current[0] = streams[1]
+    recv = dist.irecv(got, peer)
+    current[0] = streams[2]
+    fake_log_clear()
+    recv.wait()
+    send.wait()
+    log = calls(fake_log(), "cudaEventRecord", "cudaStreamWaitEvent", "ncclSend", "ncclRecv")
+    c, (a, b, waiter) = f"{comm.stream:#x}", (f"{s:#x}" for s in streams)
+    assert [(n, f.get("stream")) for n, f in log] == [
+        ("cudaEventRecord", a), ("cudaStreamWaitEvent", c), ("ncclSend", c),
+        ("cudaEventRecord", b), ("cudaStreamWaitEvent", c), ("ncclRecv", c),
+        ("cudaEventRecord", c), ("cudaStreamWaitEvent", waiter),
+        ("cudaStreamWaitEvent", waiter)], log
+    end = log[6][1]["event"]  # both waits order the waiter after the group's end event
+    assert log[7][1]["event"] == log[8][1]["event"] == end, log
+    assert got.tolist() == [1.0 + peer] * 4, got
+    for s in streams:
+        assert rt.cudaStreamDestroy(ctypes.c_void_p(s)) == 0
+    dist.destroy_process_group()
+    return "ok"
+
+
+@scenario
+def p2p_shutdown(rank, world):
+    """destroy_process_group issues a send nobody waited for (rank 1's blocking recv gets
+    it); an abort fails queued ones instead, naming it."""
+    _p2p_setup()
+    if rank == 0:
+        dist.isend(torch.full((MIB,), 9.0), 1)  # never waited for
+        dist.destroy_process_group()
+        got = None
+    else:
+        buf = torch.zeros(MIB)
+        dist.recv(buf, 0)
+        got = float(buf[0]) if buf.eq(9.0).all() else buf[:3].tolist()
+        dist.destroy_process_group()
+    _p2p_setup()
+    work = dist.isend(torch.ones(MIB), 1 - rank)
+    group().abort()
+    try:
+        work.wait()
+        aborted = "no error"
+    except dist.DistBackendError as e:
+        aborted = str(e)
+    assert p2p_calls() == [], p2p_calls()  # never issued
+    return [got, aborted]
+
+
 @scenario
 def errors(rank, world):
     """Bad input: clear TypeError / ValueError, and the group stays usable."""
@@ -422,13 +665,13 @@ def ddp(rank, world):
     grads = None
     for r in range(world):
         with torch.no_grad():
-            for p, ref in zip(local.parameters(), reference):
+            for p, ref in zip(local.parameters(), reference, strict=True):
                 p.copy_(ref)
         local.zero_grad()
         local(torch.full((4, 8), float(r + 1))).pow(2).sum().backward()
         g = [p.grad.clone() for p in local.parameters()]
-        grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-    for p, g in zip(model.parameters(), grads):
+        grads = g if grads is None else [a + b for a, b in zip(grads, g, strict=True)]
+    for p, g in zip(model.parameters(), grads, strict=True):
         assert torch.allclose(p.grad, g / world, rtol=1e-5, atol=1e-6), (p.grad, g / world)
     digest = float(sum(p.grad.double().sum() for p in model.parameters()))
     dist.destroy_process_group()
@@ -522,10 +765,17 @@ def cpu_only(rank, world):
     outs = [torch.zeros(1) for _ in range(world)]
     dist.all_gather(outs, torch.ones(1))
     dist.barrier()
+    p2p = []  # CPU tensors' send / recv: not supported, before and after deferral
+    for fn in (dist.isend, dist.irecv, dist.send, dist.recv):
+        try:
+            fn(torch.ones(1), 1 - rank)
+            p2p.append("no error")
+        except NotImplementedError as e:
+            p2p.append(str(e))
     comms = group()._cuda.communicators
     state = loaded()
     dist.destroy_process_group()
-    return [t.tolist(), comms == {}, state, _C.cuda_library_path()]
+    return [t.tolist(), comms == {}, state, _C.cuda_library_path(), p2p]
 
 
 def main():

@@ -250,8 +250,8 @@ def ddp_rank(i, eager):
     x = torch.randn(8, 16, device="cuda")
     for m in (model, ref):
         m(x).pow(2).sum().backward()
-    same = all(torch.allclose(p.grad, q.grad) for p, q in zip(model.parameters(),
-                                                              ref.parameters()))
+    same = all(torch.allclose(p.grad, q.grad)
+               for p, q in zip(model.parameters(), ref.parameters(), strict=True))
     comms = sorted(_pg()._cuda.communicators)
     dist.destroy_process_group()
     return eager_comms, comms, same

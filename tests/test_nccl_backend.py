@@ -75,6 +75,41 @@ def test_coalescing_is_one_nccl_group_and_one_work():
     assert run("coalescing", 2) == ["ok", "ok"]
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_batch_isend_irecv_both_ways_is_one_group_and_never_waits(world):
+    assert run("p2p_batch", world) == ["ok"] * world
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_isend_irecv_ring_completed_by_wait_future_synchronize_or_blocking_recv(world):
+    assert run("p2p_ring", world) == ["ok"] * world
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_queued_isend_is_issued_before_the_next_collective(world):
+    assert run("p2p_then_collective", world) == ["ok"] * world
+
+
+def test_queued_sends_and_coalescing_blocks():
+    assert run("p2p_coalescing", 2) == ["ok", "ok"]
+
+
+def test_is_completed_issues_queued_sends():
+    assert run("p2p_is_completed", 2) == ["ok", "ok"]
+
+
+def test_queued_sends_wait_for_the_streams_current_when_they_were_called():
+    assert run("p2p_streams", 2) == ["ok", "ok"]
+
+
+def test_shutdown_issues_queued_sends_and_abort_fails_them():
+    results = run("p2p_shutdown", 2)
+    assert results[0][0] is None and results[1][0] == 9.0, results
+    for rank, (_, aborted) in enumerate(results):
+        assert aborted == (f"fastspawn: rank {rank} aborted the process group before this "
+                           "send was issued"), aborted
+
+
 def test_stream_order_of_a_collective_its_wait_and_a_synchronous_call():
     assert run("streams", 2) == ["ok", "ok"]
 
@@ -118,9 +153,11 @@ def test_device_id_creates_the_communicator_in_init_process_group():
 
 def test_a_cpu_only_group_loads_nothing_cuda():
     results = run("cpu_only", 2, nccl_on_cpu=False)
-    for values, no_comms, state, cudart in results:
+    for values, no_comms, state, cudart, p2p in results:
         assert values == [2.0] * 3 and no_comms
         assert state == {"nccl": False, "cudart": False, "nccl_version": 0} and cudart is None
+        assert len(p2p) == 4 and all("send/recv of CPU tensors is not supported" in m
+                                     for m in p2p), p2p
 
 
 # ---------------------------------------------------------------------------
@@ -244,8 +281,10 @@ def test_every_collective_hands_cuda_tensors_to_the_cuda_half(monkeypatch):
         outs = [torch.zeros(3)]
         pg.allgather([outs], [t]).wait()
         assert rec.calls == [] and t.tolist() == [1.0] * 3 and outs[0].tolist() == [1.0] * 3
-        with pytest.raises(NotImplementedError, match="send/recv of CPU tensors"):
-            pg.send([t], 0, 0)
+        for p2p in (pg.send, pg.recv):
+            with pytest.raises(NotImplementedError, match="send/recv of CPU tensors"):
+                p2p([t], 0, 0)
+        assert rec.calls == []
     finally:
         pg._cuda = real
         pg.shutdown()

@@ -26,6 +26,10 @@ thus serves both devices, as ``dist.init_process_group("fastspawn")`` promises.
   ``Work.get_future()`` is CUDA-aware, completed on the communication stream
   (DDP's callbacks run after the NCCL work). ``Work.synchronize()`` and
   barriers block the host, bounded by the group timeout.
+- Send / recv are deferred: queued on their communicator with the caller's current
+  stream and issued together, as one NCCL group, when something needs them (a
+  method of one of their Works, the next other collective, a coalescing block,
+  shutdown), so crossing sends never wait for each other (CudaComms.defer).
 - Errors: the C layer's (a watchdog timeout names the collective, its
   sequence number and the timeout; a dead peer, NCCL's asynchronous error)
   become torch's DistBackendError; bad input is a TypeError or ValueError
@@ -44,7 +48,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -59,7 +65,17 @@ TEST_ON_CPU = os.environ.get(ENV_TEST_ON_CPU) == "1"
 # How long shutdown() waits for outstanding works before it aborts the communicator.
 CLOSE_TIMEOUT = 10.0
 
-_BackendError = getattr(dist, "DistBackendError", RuntimeError)
+# torch's DistBackendError (a RuntimeError); torch 2.1 has none and raises RuntimeError.
+if TYPE_CHECKING:
+    _BackendError: TypeAlias = dist.DistBackendError
+else:
+    _BackendError = getattr(dist, "DistBackendError", RuntimeError)
+
+_Tensors: TypeAlias = list[torch.Tensor]
+# NcclComm.run's positional arguments (kind, dtype, count, send, recv, op, root, stream)
+_RunArgs: TypeAlias = tuple[int, int, int, int, int, int, int, int]
+# A torch Future (torch.futures.Future of any result)
+_Future: TypeAlias = "torch.futures.Future[Any]"
 
 _ALLREDUCE, _BROADCAST, _REDUCE = _C.COLL_ALLREDUCE, _C.COLL_BROADCAST, _C.COLL_REDUCE
 _ALLGATHER, _REDUCE_SCATTER = _C.COLL_ALLGATHER, _C.COLL_REDUCE_SCATTER
@@ -122,14 +138,15 @@ def _wrap(exc: BaseException) -> BaseException:
     return err
 
 
-def _wait_seconds(timeout) -> float | None:
+def _wait_seconds(timeout: timedelta | float | None) -> float | None:
     """Work.wait's timeout (timedelta or seconds; None, 0 or negative: none) in seconds."""
     if isinstance(timeout, timedelta):
         timeout = timeout.total_seconds()
     return float(timeout) if timeout is not None and timeout > 0 else None
 
 
-def _single(tensors, what: str) -> torch.Tensor:
+def _single(tensors: Sequence[Any], what: str) -> Any:
+    """The one item of tensors (a collective's list of one tensor, or of one list)."""
     if len(tensors) != 1:
         raise ValueError(f"fastspawn: {what} takes exactly one tensor per rank, got "
                          f"{len(tensors)}")
@@ -152,13 +169,13 @@ _load_lock = threading.Lock()
 _loaded = False
 
 
-def library_dirs() -> list:
+def library_dirs() -> list[str]:
     """torch's bundled CUDA libraries: site-packages/nvidia/*/lib (nvidia-nccl-cu13 /
     -cu12: nccl/lib; nvidia-cuda-runtime for CUDA 13: cu13/lib; for CUDA 12:
     cuda_runtime/lib), and torch/lib (builds that carry their own copies)."""
-    dirs = []
+    dirs: list[str] = []
     try:
-        import nvidia  # the namespace package of the nvidia-* wheels
+        import nvidia  # type: ignore[import-untyped]  # (the nvidia-* wheels' namespace package)
         roots = list(getattr(nvidia, "__path__", []))
     except ImportError:
         roots = []
@@ -217,15 +234,15 @@ class _CudaTensors:
         return torch.cuda.current_device()
 
     @staticmethod
-    def comm_stream(handle: int, dev: int):
+    def comm_stream(handle: int, dev: int) -> torch.cuda.ExternalStream | None:
         """The communication stream as torch sees it (record_stream, futures)."""
         return torch.cuda.ExternalStream(handle, device=torch.device("cuda", dev))
 
     @staticmethod
-    def future(dev: int, comm_stream, result):
+    def future(dev: int, comm_stream: torch.cuda.ExternalStream | None, result: Any) -> _Future:
         # Completed on the communication stream, as ProcessGroupNCCL does: whoever
         # waits on the future (or runs a callback) is ordered after the NCCL work.
-        fut = torch.futures.Future(devices=[torch.device("cuda", dev)])
+        fut: _Future = torch.futures.Future(devices=[torch.device("cuda", dev)])
         with torch.cuda.stream(comm_stream):
             fut.set_result(result)
         return fut
@@ -235,16 +252,22 @@ class _CudaTensors:
         return f"cuda:{dev}"
 
 
+# What a CUDA collective returns: its Work, or (a synchronous call) the shared done one.
+_HalfWork: TypeAlias = "CudaWork | _DoneWork"
+# Which accessors a group's CUDA half uses (CudaComms._t).
+_Accessors: TypeAlias = "type[_CudaTensors] | type[_HostTensors]"
+
+
 class _HostTensors:
     """Test only (FASTSPAWN_TEST_NCCL_ON_CPU): CPU tensors are the fake runtime's
     device memory, stream 0 its default stream; the host reads results, so waits
     also block the host and futures complete once the work did."""
 
     host_is_device = True
-    _device = None
+    _device: int | None = None
 
     @classmethod
-    def device_of(cls, t) -> int:
+    def device_of(cls, t: torch.Tensor | None) -> int:
         if cls._device is None:
             load()
             cls._device = int(os.environ.get("LOCAL_RANK", "0")) % _C.cuda_device_count()
@@ -263,12 +286,12 @@ class _HostTensors:
         return cls.device_of(None)
 
     @staticmethod
-    def comm_stream(handle: int, dev: int):
+    def comm_stream(handle: int, dev: int) -> torch.cuda.ExternalStream | None:
         return None
 
     @staticmethod
-    def future(dev: int, comm_stream, result):
-        fut = torch.futures.Future()
+    def future(dev: int, comm_stream: torch.cuda.ExternalStream | None, result: Any) -> _Future:
+        fut: _Future = torch.futures.Future()
         fut.set_result(result)
         return fut
 
@@ -286,10 +309,13 @@ class CudaWork(dist._Work):
 
     wait(): the caller's current stream waits for it (the host does not block,
     unless a timeout is given: then the host waits up to that long); synchronize():
-    the host waits; get_future(): a CUDA-aware torch Future."""
+    the host waits; get_future(): a CUDA-aware torch Future.
 
-    def __init__(self, half: "CudaComms", comm: "_Comm", nwork, result, keep=(),
-                 barrier: bool = False):
+    A deferred send or receive (CudaComms.defer) has no NCCL work yet: every one of
+    these methods but exception() first issues what its communicator has queued."""
+
+    def __init__(self, half: CudaComms, comm: _Comm, nwork: _C.NcclWork | None, result: Any,
+                 keep: Sequence[torch.Tensor | None] = (), barrier: bool = False) -> None:
         super().__init__()
         self._half = half
         self._comm = comm
@@ -297,16 +323,24 @@ class CudaWork(dist._Work):
         self._result = result
         self._keep = keep  # buffers to hold until done (test mode; pending groups)
         self._barrier = barrier
-        self._fut = None
-        self._exc = None
+        self._fut: _Future | None = None
+        self._exc: BaseException | None = None
+        # A deferred send / recv: its run() arguments until the communicator issues it.
+        self._p2p: _RunArgs | None = None
         if half._pins is not None:
             half._pin(self)
 
+    def _issue(self) -> None:
+        """A deferred send / recv: issue everything its communicator has queued."""
+        if self._p2p is not None:
+            self._half.issue_deferred(self._comm)
+
     def _fail(self, e: BaseException) -> BaseException:
-        self._exc = _wrap(e)
-        return self._exc
+        self._exc = exc = _wrap(e)
+        return exc
 
     def _host_wait(self, seconds: float | None) -> None:
+        assert self._nwork is not None  # (callers check)
         try:
             self._nwork.synchronize(seconds)
         except TimeoutError as e:
@@ -317,10 +351,13 @@ class CudaWork(dist._Work):
             raise self._fail(e) from None
         self._keep = ()
 
-    def wait(self, timeout=None) -> bool:
+    def wait(self, timeout: timedelta | float | None = None) -> bool:
+        """The caller's current stream waits for the work (with a timeout, or in test
+        mode, the host too); raises its error."""
         half = self._half
         if half._pins is not None:
             half._unpin(self)
+        self._issue()
         if self._exc is not None:
             raise self._exc
         if self._nwork is None:  # inside an open coalescing block: nothing launched yet
@@ -337,10 +374,16 @@ class CudaWork(dist._Work):
         return True
 
     def synchronize(self) -> None:
+        """Block the host until the work is done (its deadline: the group timeout)."""
+        self._issue()
         if self._nwork is not None:
             self._host_wait(None)
+        elif self._exc is not None:  # a deferred send / recv whose issue failed
+            raise self._exc
 
     def is_completed(self) -> bool:
+        """Whether the work finished on the device (or failed); does not block."""
+        self._issue()
         if self._exc is not None:
             return True
         if self._nwork is None:
@@ -355,24 +398,30 @@ class CudaWork(dist._Work):
         return done
 
     def is_success(self) -> bool:
+        """Completed without an error."""
         return self.is_completed() and self._exc is None
 
-    def exception(self):
+    def exception(self) -> BaseException | None:
+        """The work's error, once it failed."""
         return self._exc
 
-    def result(self):
+    def result(self) -> Any:
+        """The collective's output tensors."""
         return self._result
 
-    def get_future(self):
+    def get_future(self) -> _Future:
+        """A CUDA-aware torch Future of result(), completed on the communication stream."""
         half = self._half
         if half._pins is not None:
             half._unpin(self)
+        self._issue()  # the future completes on the communication stream: after the work
         if self._fut is None:
             if half._t.host_is_device:
                 self.wait()
             if self._exc is not None:
-                self._fut = torch.futures.Future()
-                self._fut.set_exception(self._exc)
+                fut: _Future = torch.futures.Future()
+                fut.set_exception(self._exc)
+                self._fut = fut
             else:
                 self._fut = half._t.future(self._comm.dev, self._comm.ext, self._result)
         return self._fut
@@ -381,7 +430,7 @@ class CudaWork(dist._Work):
 class _DoneWork(dist._Work):
     """What synchronous calls return: the caller's stream already waits for the work."""
 
-    def wait(self, timeout=None) -> bool:
+    def wait(self, timeout: timedelta | float | None = None) -> bool:
         return True
 
     def is_completed(self) -> bool:
@@ -390,17 +439,17 @@ class _DoneWork(dist._Work):
     def is_success(self) -> bool:
         return True
 
-    def exception(self):
+    def exception(self) -> BaseException | None:
         return None
 
-    def result(self):
+    def result(self) -> _Tensors:
         return []
 
     def synchronize(self) -> None:
         pass
 
-    def get_future(self):
-        fut = torch.futures.Future()
+    def get_future(self) -> _Future:
+        fut: _Future = torch.futures.Future()
         fut.set_result([])
         return fut
 
@@ -408,13 +457,19 @@ class _DoneWork(dist._Work):
 class _Comm:
     """One NCCL communicator of a group: its device and communication stream."""
 
-    __slots__ = ("nccl", "dev", "ext", "pending")
+    __slots__ = ("deferred", "dev", "ext", "issue_lock", "nccl", "pending")
 
-    def __init__(self, nccl, dev: int, ext):
+    def __init__(self, nccl: _C.NcclComm, dev: int, ext: torch.cuda.ExternalStream | None):
         self.nccl = nccl
         self.dev = dev
         self.ext = ext  # the communication stream as a torch stream (None in test mode)
-        self.pending = None  # Works of an open coalescing block (a list), else None
+        # Works of an open coalescing block, else None
+        self.pending: list[CudaWork] | None = None
+        # Sends and receives not issued yet (CudaComms.defer), in call order; the list
+        # is emptied only once they are issued, so a collective that sees it non-empty
+        # waits for an issue in progress (issue_lock) instead of racing its NCCL group.
+        self.deferred: list[CudaWork] = []
+        self.issue_lock = threading.Lock()  # guards deferred, held while it is issued
 
 
 class _DeviceBackend:
@@ -426,13 +481,13 @@ class _DeviceBackend:
     supports_splitting = True
     supports_coalescing = True
 
-    def __init__(self, half: "CudaComms"):
+    def __init__(self, half: CudaComms) -> None:
         self._half = half
 
-    def eager_connect_single_device(self, device) -> None:
+    def eager_connect_single_device(self, device: torch.device) -> None:
         self._half.connect(self._half._index(device))
 
-    def perform_nocolor_split(self, device) -> None:
+    def perform_nocolor_split(self, device: torch.device) -> None:
         pass
 
     def name(self) -> str:
@@ -451,24 +506,24 @@ class CudaComms:
     """The communicators of one fastspawn group's CUDA half, and what its collectives
     (_cuda_coll.CudaHalf) share: works, groups, argument checks."""
 
-    def __init__(self, store, rank: int, world_size: int, timeout: float,
-                 pin_works: bool = False):
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout: float,
+                 pin_works: bool = False) -> None:
         self._store = store
         self._rank = rank
         self._world = world_size
         self._timeout = timeout  # seconds: init deadline, per-work timeout, host waits
-        self._t = _HostTensors if TEST_ON_CPU else _CudaTensors
+        self._t: _Accessors = _HostTensors if TEST_ON_CPU else _CudaTensors
         # In test mode the host reads the results, so synchronous calls wait for them there.
         self._sync_in_c = not self._t.host_is_device
-        self._comms: dict = {}
+        self._comms: dict[int, _Comm] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._done = _DoneWork()
-        self._pins: dict | None = {} if pin_works else None
+        self._pins: dict[int, CudaWork] | None = {} if pin_works else None
         self._pin_lock = threading.Lock()
 
     # -- communicators ----------------------------------------------------------
-    def _index(self, device) -> int:
+    def _index(self, device: torch.device | str) -> int:
         device = torch.device(device) if not isinstance(device, torch.device) else device
         if self._t.host_is_device:
             return self._t.current_device()
@@ -485,7 +540,8 @@ class CudaComms:
         key = f"fastspawn/nccl_id/{generation}"
         if self._rank == 0:
             uid = _C.nccl_get_unique_id()
-            store.set(key, uid)
+            # (torch's stub says a str value; every c10d store takes bytes too)
+            store.set(key, uid)  # type: ignore[arg-type]
             return uid
         return bytes(store.get(key))
 
@@ -518,11 +574,12 @@ class CudaComms:
             return True
 
     @property
-    def communicators(self) -> dict:
+    def communicators(self) -> dict[int, _C.NcclComm]:
         """device index -> _C.NcclComm, for tests and diagnostics."""
         return {dev: c.nccl for dev, c in self._comms.items()}
 
-    def backend_view(self, device) -> _DeviceBackend:
+    def backend_view(self, device: torch.device | str) -> _DeviceBackend:
+        """What the group answers to _get_backend(device) for a CUDA device."""
         return _DeviceBackend(self)
 
     def close(self, abort_reason: str | None = None) -> None:
@@ -531,29 +588,116 @@ class CudaComms:
         with self._lock:
             self._closed = True
             comms, self._comms = list(self._comms.values()), {}
-        first = None
+        first: BaseException | None = None
         for comm in comms:
+            # Queued sends and receives go first and get the same CLOSE_TIMEOUT; their
+            # Works (and in test mode their host buffers) live until the close waited.
+            queued = list(comm.deferred)
             try:
                 if abort_reason is not None:
                     comm.nccl.abort(abort_reason)
+                    self._drop_deferred(comm, abort_reason)
+                else:
+                    first = first or self.issue_deferred(comm)
                 comm.nccl.close(0 if abort_reason is not None else CLOSE_TIMEOUT)
             except Exception as e:  # noqa: BLE001 - close the others first
                 first = first or e
+            queued.clear()
         if first is not None and abort_reason is None:
             raise _wrap(first)
 
+    # -- deferred send / recv ---------------------------------------------------
+    # A send or receive outside a coalescing block is queued on its communicator and
+    # returns a Work at once; everything queued is issued as ONE NCCL group when
+    # anything needs it: any method of one of their Works (wait, is_completed,
+    # get_future, synchronize), the next other collective on that communicator (before
+    # it), the start of a coalescing block, or the group's shutdown. So two ranks whose
+    # sends cross (batch_isend_irecv, which torch runs call by call on a Python group)
+    # never wait for each other, whatever the size.
+    def _issue_lock(self, comm: _Comm) -> None:
+        if not comm.issue_lock.acquire(timeout=self._timeout):
+            raise _BackendError(
+                f"fastspawn: the queued sends and receives on {self._t.name(comm.dev)} were "
+                f"still being issued by another thread after {self._timeout:g} s")
+
+    def defer(self, comm: _Comm, args: _RunArgs, result: _Tensors, t: torch.Tensor) -> CudaWork:
+        """Queue one send / recv (args: NcclComm.run's, with the caller's current stream,
+        captured now); its Work issues it when asked."""
+        work = CudaWork(self, comm, None, result, (t,))
+        work._p2p = args
+        self._issue_lock(comm)
+        try:
+            comm.deferred.append(work)
+        finally:
+            comm.issue_lock.release()
+        return work
+
+    def issue_deferred(self, comm: _Comm) -> BaseException | None:
+        """Issue comm's queued sends and receives as one NCCL group, each after the work
+        on the stream that was current when it was called (C records an event on each
+        and makes the communication stream wait for it). A failure becomes every queued
+        Work's error (raised by its wait()), and is returned."""
+        if not comm.deferred:
+            return None
+        self._issue_lock(comm)
+        try:
+            works = comm.deferred
+            if not works:  # another thread issued them while this one waited
+                return None
+            nccl = comm.nccl
+            try:
+                nccl.group_start()
+                try:
+                    for w in works:
+                        assert w._p2p is not None  # (set until issued, under the lock)
+                        nccl.run(*w._p2p)
+                finally:
+                    nwork = nccl.group_end()
+            except Exception as e:  # noqa: BLE001 - the Works' error
+                err = _wrap(e)
+                for w in works:
+                    w._exc, w._p2p, w._keep = err, None, ()
+                return err
+            for w in works:
+                w._nwork, w._p2p = nwork, None
+                if not self._t.host_is_device:  # as _finish does for asynchronous calls
+                    for t in w._keep:
+                        if t is not None and comm.ext is not None:
+                            t.record_stream(comm.ext)
+                    w._keep = ()
+            return None
+        finally:
+            comm.deferred = []
+            comm.issue_lock.release()
+
+    def _drop_deferred(self, comm: _Comm, reason: str) -> None:
+        """An abort: queued sends and receives are never issued; their Works fail."""
+        self._issue_lock(comm)
+        try:
+            works, comm.deferred = comm.deferred, []
+        finally:
+            comm.issue_lock.release()
+        for w in works:
+            kind = "send" if w._p2p is not None and w._p2p[0] == _SEND else "receive"
+            w._exc = _BackendError(f"fastspawn: {reason} before this {kind} was issued")
+            w._p2p, w._keep = None, ()
+
     # -- Works ------------------------------------------------------------------
-    def _pin(self, work) -> None:
+    def _pin(self, work: CudaWork) -> None:
+        assert self._pins is not None  # (called only when pinning)
         with self._pin_lock:
             self._pins[id(work)] = work
             if len(self._pins) > _PIN_CAP:
                 del self._pins[next(iter(self._pins))]
 
-    def _unpin(self, work) -> None:
+    def _unpin(self, work: CudaWork) -> None:
+        assert self._pins is not None
         with self._pin_lock:
             self._pins.pop(id(work), None)
 
-    def _finish(self, comm: _Comm, nwork, result, keep, sync: bool, barrier: bool = False):
+    def _finish(self, comm: _Comm, nwork: _C.NcclWork | None, result: Any,
+                keep: Sequence[torch.Tensor | None], sync: bool,
+                barrier: bool = False) -> _HalfWork:
         """The Work of an enqueued call (nwork None: inside a coalescing block)."""
         if nwork is None:
             if comm.pending is None:  # a call inside a group of our own (or an empty one)
@@ -565,8 +709,8 @@ class CudaComms:
             if not sync:  # the caching allocator must not reuse them before the work ends
                 ext = comm.ext
                 for t in keep:
-                    if t is not None and t.is_cuda:  # (a host premul scalar was read already)
-                        t.record_stream(ext)
+                    if t is not None and t.is_cuda and ext is not None:  # (a host premul
+                        t.record_stream(ext)  # scalar was read already)
             keep = ()
         work = CudaWork(self, comm, nwork, result, keep, barrier)
         if sync:
@@ -574,13 +718,15 @@ class CudaComms:
             return self._done
         return work
 
-    def _run(self, comm: _Comm, *args, **kw):
+    def _run(self, comm: _Comm, *args: Any, **kw: Any) -> _C.NcclWork | None:
         try:
             return comm.nccl.run(*args, **kw)
         except Exception as e:  # noqa: BLE001
             raise _wrap(e) from None
 
-    def _grouped(self, comm: _Comm, runs, result, keep, sync: bool):
+    def _grouped(self, comm: _Comm, runs: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
+                 result: Any, keep: Sequence[torch.Tensor | None],
+                 sync: bool) -> _HalfWork:
         """Several NCCL calls as one group (one launch, one work)."""
         nccl = comm.nccl
         try:
@@ -595,7 +741,7 @@ class CudaComms:
         return self._finish(comm, nwork, result, keep, sync)
 
     # -- argument checks --------------------------------------------------------
-    def _device(self, t, what: str) -> int:
+    def _device(self, t: object, what: str) -> int:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fastspawn: {what} must be a torch.Tensor, got {type(t).__name__}")
         dev = self._t.device_of(t)
@@ -603,7 +749,7 @@ class CudaComms:
             raise ValueError(f"fastspawn: {what} is on {t.device}, not on a CUDA device")
         return dev
 
-    def _check(self, t, what: str, dev: int) -> torch.Tensor:
+    def _check(self, t: object, what: str, dev: int) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fastspawn: {what} must be a torch.Tensor, got {type(t).__name__}")
         if not self._t.on(t, dev):
@@ -619,14 +765,26 @@ class CudaComms:
                 "result back)")
         return t
 
-    def _first(self, t, what: str):
-        """(communicator, device) for a call whose first tensor is t, checked."""
+    def _first(self, t: object, what: str, p2p: bool = False) -> tuple[_Comm, int]:
+        """(communicator, device) for a call whose first tensor is t, checked; a call
+        other than a send / recv (p2p) issues the sends and receives queued before it."""
         dev = self._device(t, what)
         comm = self._comms.get(dev) or self.connect(dev)
         self._check(t, what, dev)
+        if comm.deferred and not p2p:
+            self.issue_deferred(comm)
         return comm, dev
 
-    def _same(self, tensors, like: torch.Tensor, what: str, dev: int) -> None:
+    def _comm_of(self, dev: int) -> _Comm:
+        """The communicator of device dev for a collective: queued sends and receives
+        issued first."""
+        comm = self._comms.get(dev) or self.connect(dev)
+        if comm.deferred:
+            self.issue_deferred(comm)
+        return comm
+
+    def _same(self, tensors: Sequence[torch.Tensor], like: torch.Tensor, what: str,
+              dev: int) -> None:
         if len(tensors) != self._world:
             raise ValueError(f"fastspawn: {what} needs {self._world} tensors, got {len(tensors)}")
         for i, t in enumerate(tensors):
@@ -635,7 +793,8 @@ class CudaComms:
                 raise ValueError(f"fastspawn: {what}[{i}] has {t.numel()} {t.dtype} elements, "
                                  f"expected {like.numel()} {like.dtype} like the input")
 
-    def _world_times(self, big, small, what: str, big_name: str, small_name: str) -> None:
+    def _world_times(self, big: torch.Tensor, small: torch.Tensor, what: str, big_name: str,
+                     small_name: str) -> None:
         if big.numel() != small.numel() * self._world or big.dtype != small.dtype:
             raise ValueError(
                 f"fastspawn: {what} {big_name} must have world_size ({self._world}) x the "
@@ -647,7 +806,8 @@ class CudaComms:
             raise ValueError(f"fastspawn: {what} rank {rank} is not in 0..{self._world - 1}")
         return rank
 
-    def _reduction(self, opts, t: torch.Tensor, dev: int):
+    def _reduction(self, opts: Any, t: torch.Tensor, dev: int
+                   ) -> tuple[torch.Tensor, int, int, dict[str, Any], torch.Tensor | None]:
         """(tensor as NCCL reduces it, dtype code, op code, premul keywords, premul scalar)."""
         red = opts.reduceOp
         kind = getattr(red, "op", red)
@@ -695,10 +855,10 @@ class CudaComms:
         return t, code, op, kw, scalar
 
     @staticmethod
-    def _sync(opts) -> bool:
+    def _sync(opts: Any) -> bool:
         return _HAS_ASYNC_OP and opts is not None and opts.asyncOp is False
 
-def barrier_device(opts):
+def barrier_device(opts: _c10d.BarrierOptions | None) -> int | None:
     """The CUDA device a barrier's options name (device_ids, or a CUDA opts.device),
     or None: then the barrier is the CPU one (what torch passes by default)."""
     if opts is None:
@@ -720,21 +880,22 @@ def close_quietly(half: CudaComms) -> None:
         pass
 
 
-_test_classes: dict = {}
+_G = TypeVar("_G", bound=type)
+_test_classes: dict[type, type] = {}
 
 
-def group_class(base: type) -> type:
+def group_class(base: _G) -> _G:
     """The group class the backend creates: base, or (test only) a subclass of it
     that sends every tensor, CPU ones included, through the NCCL path."""
     if not TEST_ON_CPU:
         return base
     if base not in _test_classes:
-        def route(name):
-            def method(self, *args, **kwargs):
+        def route(name: str) -> Callable[..., Any]:
+            def method(self: Any, *args: Any, **kwargs: Any) -> Any:
                 return getattr(self._cuda, name)(*args, **kwargs)
             method.__name__ = name
             return method
 
         _test_classes[base] = type(base.__name__ + "NcclOnCpu", (base,),
                                    {n: route(n) for n in COLLECTIVES})
-    return _test_classes[base]
+    return cast(_G, _test_classes[base])

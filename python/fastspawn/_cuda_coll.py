@@ -13,19 +13,45 @@ names and arguments (_cuda.COLLECTIVES), on CUDA tensors.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 from torch._C import _distributed_c10d as _c10d
 
-from ._cuda import (_ALLGATHER, _ALLREDUCE, _ALLTOALL, _ALLTOALLV, _BARRIER, _BROADCAST,
-                    _BYTES, _DTYPES, _HAS_ASYNC_OP, _OP_BY_TYPE, _PREMUL, _RECV, _REDUCE,
-                    _REDUCE_SCATTER, _SEND, CudaComms, _single, _wrap, barrier_device)
+from ._cuda import (
+    _ALLGATHER,
+    _ALLREDUCE,
+    _ALLTOALL,
+    _ALLTOALLV,
+    _BARRIER,
+    _BROADCAST,
+    _BYTES,
+    _DTYPES,
+    _HAS_ASYNC_OP,
+    _OP_BY_TYPE,
+    _PREMUL,
+    _RECV,
+    _REDUCE,
+    _REDUCE_SCATTER,
+    _SEND,
+    CudaComms,
+    _Comm,
+    _HalfWork,
+    _RunArgs,
+    _single,
+    _Tensors,
+    _wrap,
+    barrier_device,
+)
 
 
 class CudaHalf(CudaComms):
     """NCCL communicators of one fastspawn group and its collectives on CUDA tensors."""
 
     # -- reductions -------------------------------------------------------------
-    def allreduce(self, tensors, opts=None):
+    def allreduce(self, tensors: _Tensors, opts: _c10d.AllreduceOptions | None = None
+                  ) -> _HalfWork:
         if opts is None:
             opts = _c10d.AllreduceOptions()
         t = _single(tensors, "allreduce")
@@ -33,8 +59,11 @@ class CudaHalf(CudaComms):
         comm = self._comms.get(dev)
         if comm is None:
             comm = self.connect(self._device(t, "allreduce tensor"))
+        if comm.deferred:  # queued sends and receives go first
+            self.issue_deferred(comm)
         code = _DTYPES.get(t.dtype)
-        op = _OP_BY_TYPE.get(opts.reduceOp.op)
+        # (ReduceOp.op, its RedOpType: there at run time, not in torch's stub)
+        op = _OP_BY_TYPE.get(opts.reduceOp.op)  # type: ignore[attr-defined]
         if code is None or op is None or op == _PREMUL or not t.is_contiguous():
             return self._allreduce_slow(comm, dev, t, tensors, opts)
         # the common case, kept short: this is most of a small collective's host time
@@ -50,7 +79,8 @@ class CudaHalf(CudaComms):
             raise _wrap(e) from None
         return self._finish(comm, nwork, tensors, (t,), sync)
 
-    def _allreduce_slow(self, comm, dev, t, tensors, opts):
+    def _allreduce_slow(self, comm: _Comm, dev: int, t: torch.Tensor, tensors: _Tensors,
+                        opts: _c10d.AllreduceOptions) -> _HalfWork:
         self._check(t, "allreduce tensor", dev)
         view, code, op, kw, scalar = self._reduction(opts, t, dev)
         ptr = view.data_ptr()
@@ -58,14 +88,16 @@ class CudaHalf(CudaComms):
                           self._t.stream(dev), **kw)
         return self._finish(comm, nwork, tensors, (t, scalar), self._sync(opts))
 
-    def allreduce_coalesced(self, tensors, opts=None):
+    def allreduce_coalesced(self, tensors: _Tensors,
+                            opts: _c10d.AllreduceCoalescedOptions | None = None) -> _HalfWork:
         if opts is None:
             opts = _c10d.AllreduceCoalescedOptions()
         if not tensors:
             return self._done
         comm, dev = self._first(tensors[0], "allreduce_coalesced tensor 0")
         stream = self._t.stream(dev)
-        runs, keep = [], []
+        runs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        keep: list[torch.Tensor | None] = []
         for i, t in enumerate(tensors):
             self._check(t, f"allreduce_coalesced tensor {i}", dev)
             view, code, op, kw, scalar = self._reduction(opts, t, dev)
@@ -74,7 +106,7 @@ class CudaHalf(CudaComms):
             keep += [t, scalar]
         return self._grouped(comm, runs, tensors, keep, self._sync(opts))
 
-    def reduce(self, tensors, opts=None):
+    def reduce(self, tensors: _Tensors, opts: _c10d.ReduceOptions | None = None) -> _HalfWork:
         if opts is None:
             opts = _c10d.ReduceOptions()
         t = _single(tensors, "reduce")
@@ -86,7 +118,8 @@ class CudaHalf(CudaComms):
                           self._t.stream(dev), **kw)
         return self._finish(comm, nwork, tensors, (t, scalar), self._sync(opts))
 
-    def reduce_scatter(self, output_tensors, input_tensors, opts=None):
+    def reduce_scatter(self, output_tensors: _Tensors, input_tensors: list[_Tensors],
+                       opts: _c10d.ReduceScatterOptions | None = None) -> _HalfWork:
         if opts is None:
             opts = _c10d.ReduceScatterOptions()
         out = _single(output_tensors, "reduce_scatter output")
@@ -97,14 +130,16 @@ class CudaHalf(CudaComms):
         flat = torch.cat([t.reshape(-1) for t in inputs])
         return self._reduce_scatter(comm, dev, out, flat, opts, output_tensors)
 
-    def _reduce_scatter(self, comm, dev, out, flat, opts, result):
+    def _reduce_scatter(self, comm: _Comm, dev: int, out: torch.Tensor, flat: torch.Tensor,
+                        opts: _c10d.ReduceScatterOptions, result: _Tensors) -> _HalfWork:
         recv, code, op, kw, scalar = self._reduction(opts, out, dev)
         send = torch.view_as_real(flat) if flat.is_complex() else flat
         nwork = self._run(comm, _REDUCE_SCATTER, code, recv.numel(), send.data_ptr(),
                           recv.data_ptr(), op, 0, self._t.stream(dev), **kw)
         return self._finish(comm, nwork, result, (out, flat, scalar), self._sync(opts))
 
-    def reduce_scatter_single(self, output, input, opts=None):
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,
+                              opts: _c10d.ReduceScatterOptions | None = None) -> _HalfWork:
         if opts is None:
             opts = _c10d.ReduceScatterOptions()
         comm, dev = self._first(output, "reduce_scatter output")
@@ -114,14 +149,17 @@ class CudaHalf(CudaComms):
 
     _reduce_scatter_base = reduce_scatter_single
 
-    def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
+    def reduce_scatter_tensor_coalesced(self, outputs: _Tensors, inputs: _Tensors,
+                                        opts: _c10d.ReduceScatterOptions | None = None
+                                        ) -> _HalfWork:
         return self._coalesce(self.reduce_scatter_single, outputs, inputs, opts,
                               "reduce_scatter_tensor_coalesced")
 
     reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced
 
     # -- data movement ----------------------------------------------------------
-    def broadcast(self, tensors, opts=None):
+    def broadcast(self, tensors: _Tensors, opts: _c10d.BroadcastOptions | None = None
+                  ) -> _HalfWork:
         if opts is None:
             opts = _c10d.BroadcastOptions()
         t = _single(tensors, "broadcast")
@@ -132,7 +170,8 @@ class CudaHalf(CudaComms):
                           self._t.stream(dev))
         return self._finish(comm, nwork, tensors, (t,), self._sync(opts))
 
-    def allgather(self, output_tensors, input_tensors, opts=None):
+    def allgather(self, output_tensors: list[_Tensors], input_tensors: _Tensors,
+                  opts: _c10d.AllgatherOptions | None = None) -> _HalfWork:
         if opts is None:
             opts = _c10d.AllgatherOptions()
         outs = _single(output_tensors, "allgather output")
@@ -142,11 +181,13 @@ class CudaHalf(CudaComms):
         # One broadcast from each rank straight into its output tensor: no flat
         # buffer, no copies after the collective.
         stream, n, src = self._t.stream(dev), inp.nbytes, inp.data_ptr()
-        runs = [((_BROADCAST, _BYTES, n, src if q == self._rank else 0, o.data_ptr(), 0, q,
-                  stream), {}) for q, o in enumerate(outs)]
+        runs: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+            ((_BROADCAST, _BYTES, n, src if q == self._rank else 0, o.data_ptr(), 0, q, stream),
+             {}) for q, o in enumerate(outs)]
         return self._grouped(comm, runs, output_tensors, [inp] + list(outs), self._sync(opts))
 
-    def all_gather_single(self, output, input, opts=None):
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,
+                          opts: _c10d.AllgatherOptions | None = None) -> _HalfWork:
         if opts is None:
             opts = _c10d.AllgatherOptions()
         comm, dev = self._first(input, "all_gather input")
@@ -158,13 +199,16 @@ class CudaHalf(CudaComms):
 
     _allgather_base = all_gather_single
 
-    def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
+    def allgather_into_tensor_coalesced(self, outputs: _Tensors, inputs: _Tensors,
+                                        opts: _c10d.AllgatherOptions | None = None
+                                        ) -> _HalfWork:
         return self._coalesce(self.all_gather_single, outputs, inputs, opts,
                               "allgather_into_tensor_coalesced")
 
     all_gather_single_coalesced = allgather_into_tensor_coalesced
 
-    def _coalesce(self, one, outputs, inputs, opts, what: str):
+    def _coalesce(self, one: Callable[[torch.Tensor, torch.Tensor, Any], _HalfWork],
+                  outputs: _Tensors, inputs: _Tensors, opts: Any, what: str) -> _HalfWork:
         """The *_coalesced variants: each pair as one call, all in one NCCL group."""
         if len(outputs) != len(inputs):
             raise ValueError(f"fastspawn: {what} got {len(outputs)} outputs and {len(inputs)} "
@@ -180,7 +224,7 @@ class CudaHalf(CudaComms):
             raise _wrap(e) from None
         works = []
         try:
-            for o, i in zip(outputs, inputs):
+            for o, i in zip(outputs, inputs, strict=True):  # (lengths checked above)
                 works.append(one(o, i, opts))
         finally:
             try:
@@ -192,14 +236,16 @@ class CudaHalf(CudaComms):
         return self._finish(comm, nwork, list(outputs), list(outputs) + list(inputs),
                             self._sync(opts))
 
-    def gather(self, output_tensors, input_tensors, opts=None):
+    def gather(self, output_tensors: list[_Tensors], input_tensors: _Tensors,
+               opts: _c10d.GatherOptions | None = None) -> _HalfWork:
         if opts is None:
             opts = _c10d.GatherOptions()
         inp = _single(input_tensors, "gather input")
         comm, dev = self._first(inp, "gather input")
         root = self._peer(opts.rootRank, "gather root")
         stream, n = self._t.stream(dev), inp.nbytes
-        runs = [((_SEND, _BYTES, n, inp.data_ptr(), 0, 0, root, stream), {})]
+        runs: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+            ((_SEND, _BYTES, n, inp.data_ptr(), 0, 0, root, stream), {})]
         keep = [inp]
         if root == self._rank:
             outs = _single(output_tensors, "gather output")
@@ -209,14 +255,16 @@ class CudaHalf(CudaComms):
             keep += outs
         return self._grouped(comm, runs, output_tensors, keep, self._sync(opts))
 
-    def scatter(self, output_tensors, input_tensors, opts=None):
+    def scatter(self, output_tensors: _Tensors, input_tensors: list[_Tensors],
+                opts: _c10d.ScatterOptions | None = None) -> _HalfWork:
         if opts is None:
             opts = _c10d.ScatterOptions()
         out = _single(output_tensors, "scatter output")
         comm, dev = self._first(out, "scatter output")
         root = self._peer(opts.rootRank, "scatter root")
         stream, n = self._t.stream(dev), out.nbytes
-        runs = [((_RECV, _BYTES, n, 0, out.data_ptr(), 0, root, stream), {})]
+        runs: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+            ((_RECV, _BYTES, n, 0, out.data_ptr(), 0, root, stream), {})]
         keep = [out]
         if root == self._rank:
             ins = _single(input_tensors, "scatter input")
@@ -226,15 +274,17 @@ class CudaHalf(CudaComms):
             keep += ins
         return self._grouped(comm, runs, output_tensors, keep, self._sync(opts))
 
-    def alltoall(self, output_tensors, input_tensors, opts=None):
+    def alltoall(self, output_tensors: _Tensors, input_tensors: _Tensors,
+                 opts: _c10d.AllToAllOptions | None = None) -> _HalfWork:
         if opts is None:
             opts = _c10d.AllToAllOptions()
         n = self._world
         if len(output_tensors) != n or len(input_tensors) != n:
             raise ValueError(f"fastspawn: alltoall needs {n} input and {n} output tensors")
         comm, dev = self._first(input_tensors[0], "alltoall input[0]")
-        stream, runs = self._t.stream(dev), []
-        for q, (o, i) in enumerate(zip(output_tensors, input_tensors)):
+        stream = self._t.stream(dev)
+        runs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        for q, (o, i) in enumerate(zip(output_tensors, input_tensors, strict=True)):  # (both n)
             self._check(i, f"alltoall input[{q}]", dev)
             self._check(o, f"alltoall output[{q}]", dev)
             runs.append(((_SEND, _BYTES, i.nbytes, i.data_ptr(), 0, 0, q, stream), {}))
@@ -242,8 +292,10 @@ class CudaHalf(CudaComms):
         return self._grouped(comm, runs, output_tensors,
                              list(input_tensors) + list(output_tensors), self._sync(opts))
 
-    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes,
-                          opts=None):
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
+                          output_split_sizes: Sequence[int] | None,
+                          input_split_sizes: Sequence[int] | None,
+                          opts: _c10d.AllToAllOptions | None = None) -> _HalfWork:
         if opts is None:
             opts = _c10d.AllToAllOptions()
         n = self._world
@@ -266,7 +318,8 @@ class CudaHalf(CudaComms):
 
     alltoall_base = all_to_all_single
 
-    def _splits(self, t, splits, what: str):
+    def _splits(self, t: torch.Tensor, splits: Sequence[int] | None, what: str
+                ) -> tuple[list[int], list[int]]:
         """Byte counts and displacements of t's blocks of rows, one per rank."""
         n = self._world
         rows = t.shape[0] if t.dim() else 0
@@ -286,40 +339,48 @@ class CudaHalf(CudaComms):
             displs[q] = displs[q - 1] + counts[q - 1]
         return counts, displs
 
-    def send(self, tensors, dst: int, tag: int = 0):
+    # send / recv are deferred (CudaComms.defer): queued with the caller's current stream
+    # and issued together, as one NCCL group, when something needs them; dist.send /
+    # dist.recv wait at once, so they (and whatever was queued before) go out at once.
+    # Inside a coalescing block they are part of its group, as every collective.
+    def send(self, tensors: _Tensors, dst: int, tag: int = 0) -> _HalfWork:
         t = _single(tensors, "send")
-        comm, dev = self._first(t, "send tensor")
+        comm, dev = self._first(t, "send tensor", p2p=True)
         if self._peer(dst, "send destination") == self._rank:
             raise ValueError("fastspawn: a rank cannot send to itself")
-        nwork = self._run(comm, _SEND, _BYTES, t.nbytes, t.data_ptr(), 0, 0, dst,
-                          self._t.stream(dev))
-        return self._finish(comm, nwork, tensors, (t,), False)
+        args = (_SEND, _BYTES, t.nbytes, t.data_ptr(), 0, 0, dst, self._t.stream(dev))
+        return self._send_recv(comm, args, tensors, t)
 
-    def recv(self, tensors, src: int, tag: int = 0):
+    def recv(self, tensors: _Tensors, src: int, tag: int = 0) -> _HalfWork:
         t = _single(tensors, "recv")
-        comm, dev = self._first(t, "recv tensor")
+        comm, dev = self._first(t, "recv tensor", p2p=True)
         if self._peer(src, "recv source") == self._rank:
             raise ValueError("fastspawn: a rank cannot receive from itself")
-        nwork = self._run(comm, _RECV, _BYTES, t.nbytes, 0, t.data_ptr(), 0, src,
-                          self._t.stream(dev))
-        return self._finish(comm, nwork, tensors, (t,), False)
+        args = (_RECV, _BYTES, t.nbytes, 0, t.data_ptr(), 0, src, self._t.stream(dev))
+        return self._send_recv(comm, args, tensors, t)
 
-    def recv_anysource(self, tensors, tag: int = 0):
+    def _send_recv(self, comm: _Comm, args: _RunArgs, tensors: _Tensors, t: torch.Tensor
+                   ) -> _HalfWork:
+        if comm.pending is None:
+            return self.defer(comm, args, tensors, t)
+        return self._finish(comm, self._run(comm, *args), tensors, (t,), False)
+
+    def recv_anysource(self, tensors: _Tensors, tag: int = 0) -> _HalfWork:
         raise ValueError("fastspawn: NCCL cannot receive from any source: name the sending "
                          "rank (dist.recv(tensor, src=...))")
 
-    def barrier(self, opts=None):
+    def barrier(self, opts: _c10d.BarrierOptions | None = None) -> _HalfWork:
         dev = barrier_device(opts)
         dev = self._index(torch.device("cuda", dev) if dev is not None else "cuda")
-        comm = self._comms.get(dev) or self.connect(dev)
+        comm = self._comm_of(dev)
         nwork = self._run(comm, _BARRIER, 0, 0, 0, 0, 0, 0, self._t.stream(dev))
         # As ProcessGroupNCCL's: wait() also blocks the host until every rank is there.
         return self._finish(comm, nwork, [], (), False, barrier=True)
 
     # -- coalescing (torch's _coalescing_manager with a device) -----------------
-    def _start_coalescing(self, device) -> None:
+    def _start_coalescing(self, device: torch.device | str) -> None:
         dev = self._index(device)
-        comm = self._comms.get(dev) or self.connect(dev)
+        comm = self._comm_of(dev)  # sends and receives queued before the block go first
         if comm.pending is not None:
             raise RuntimeError(f"fastspawn: coalescing already started on {self._t.name(dev)}")
         try:
@@ -328,7 +389,7 @@ class CudaHalf(CudaComms):
             raise _wrap(e) from None
         comm.pending = []
 
-    def _end_coalescing(self, device):
+    def _end_coalescing(self, device: torch.device | str) -> _HalfWork:
         dev = self._index(device)
         comm = self._comms.get(dev)
         if comm is None or comm.pending is None:

@@ -37,10 +37,13 @@ import atexit
 import os
 import threading
 import weakref
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 import torch.distributed as dist
+
 # The option structs (AllgatherOptions, ...): torch.distributed re-exports only
 # some of them (never AllgatherOptions, up to 2.13 at least); torch 2.1 calls
 # allgather without one, so the defaults come from where they are defined.
@@ -48,6 +51,14 @@ from torch._C import _distributed_c10d as _c10d
 
 from . import _C, _cuda
 from ._cuda_coll import CudaHalf
+
+if TYPE_CHECKING:
+    from ._cuda import _DeviceBackend, _HalfWork
+
+_Tensors: TypeAlias = list[torch.Tensor]
+# What a collective returns: a CPU Work, or the CUDA half's (CudaWork; _DoneWork for a
+# synchronous call); all are torch Works.
+_AnyWork: TypeAlias = "Work | _HalfWork"
 
 BACKEND_NAME = "fastspawn"
 
@@ -81,10 +92,14 @@ _OPS = {
     "BXOR": _C.OP_BXOR,
 }
 
-_BackendError = getattr(dist, "DistBackendError", RuntimeError)
+# torch's DistBackendError (a RuntimeError); torch 2.1 has none and raises RuntimeError.
+if TYPE_CHECKING:
+    _BackendError: TypeAlias = dist.DistBackendError
+else:
+    _BackendError = getattr(dist, "DistBackendError", RuntimeError)
 
 # ReduceOp.RedOpType -> op code, for the fast lookup in _reduce_op.
-_OP_BY_TYPE = {}
+_OP_BY_TYPE: dict[Any, int] = {}
 for _name, _code in _OPS.items():
     _red = getattr(getattr(dist.ReduceOp, "RedOpType", dist.ReduceOp), _name, None)
     if _red is not None:
@@ -103,7 +118,7 @@ def _wrap_error(exc: BaseException) -> BaseException:
     return err
 
 
-def _seconds(timeout) -> float | None:
+def _seconds(timeout: timedelta | float | None) -> float | None:
     """A wait timeout (timedelta, seconds or None; 0 means none, as in c10d) in seconds."""
     if timeout is None:
         return None
@@ -125,10 +140,12 @@ def _check_cpu(t: torch.Tensor, what: str) -> None:
             "shared memory, CUDA tensors through NCCL)"
         )
     if t.layout != torch.strided:
-        raise ValueError(f"fastspawn: {what} has layout {t.layout}; only dense tensors are supported")
+        raise ValueError(
+            f"fastspawn: {what} has layout {t.layout}; only dense tensors are supported")
 
 
-def _reduce_op(opts) -> int:
+def _reduce_op(opts: Any) -> int:
+    """The op code of opts.reduceOp (any torch option struct with one)."""
     op = opts.reduceOp
     kind = getattr(op, "op", op)  # ReduceOp -> RedOpType (older torch: the enum itself)
     code = _OP_BY_TYPE.get(kind)
@@ -147,7 +164,7 @@ def _reduce_dtype(t: torch.Tensor, op: int) -> tuple[torch.Tensor, int]:
             raise ValueError("fastspawn: complex tensors support only SUM and AVG")
         t = torch.view_as_real(t)
     code = _DTYPES.get(t.dtype)
-    if (t.dtype, op) in _SUPPORTED:
+    if code is not None and (t.dtype, op) in _SUPPORTED:
         return t, code
     if code is None:
         raise TypeError(
@@ -173,7 +190,7 @@ def _contiguous(t: torch.Tensor, what: str) -> torch.Tensor:
 class _Finish:
     """Copies to do once a collective completed (into non-contiguous or list outputs)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -199,8 +216,10 @@ class Work(dist._Work):
     """A fastspawn collective: wait() blocks (without the GIL) until it completed;
     get_future() returns a torch Future, completed by the completion thread."""
 
-    def __init__(self, engine: "_Engine", result, ticket=0, finish=None, keep=(), done=False,
-                 exc=None):
+    def __init__(self, engine: _Engine, result: Any, ticket: int = 0,
+                 finish: Callable[[], None] | None = None,
+                 keep: Sequence[torch.Tensor | None] = (), done: bool = False,
+                 exc: BaseException | None = None) -> None:
         super().__init__()
         self._engine = engine
         self._ticket = ticket
@@ -211,7 +230,7 @@ class Work(dist._Work):
             engine.pin(self)
         self._done = done
         self._exc = exc
-        self._fut = None  # made on demand: most synchronous calls never ask for it
+        self._fut: torch.futures.Future[Any] | None = None  # made on demand: most calls never ask
 
     def _complete(self, exc: BaseException | None) -> None:
         with self._engine.work_lock:
@@ -229,13 +248,15 @@ class Work(dist._Work):
             if self._fut is not None:
                 self._settle(self._fut)
 
-    def _settle(self, fut) -> None:
+    def _settle(self, fut: torch.futures.Future[Any]) -> None:
         if self._exc is None:
             fut.set_result(self._result)
         else:
             fut.set_exception(self._exc)
 
-    def wait(self, timeout=None) -> bool:
+    def wait(self, timeout: timedelta | float | None = None) -> bool:
+        """Block until the collective completed (up to timeout; None or 0: no limit of
+        the caller's, the group timeout applies); raise its error."""
         if self._engine.pins is not None:
             self._engine.unpin(self)
         if not self._done:
@@ -256,7 +277,8 @@ class Work(dist._Work):
             raise self._exc
         return True
 
-    def get_future(self):
+    def get_future(self) -> torch.futures.Future[Any]:
+        """A torch Future completed with result() (or the error) when the collective is."""
         if self._engine.pins is not None:
             self._engine.unpin(self)
         with self._engine.work_lock:
@@ -267,6 +289,7 @@ class Work(dist._Work):
             return self._fut
 
     def is_completed(self) -> bool:
+        """Whether the collective finished (successfully or not); does not block."""
         if not self._done and not self._engine.comm.closed:
             if self._engine.comm.completed() >= self._ticket:
                 try:
@@ -276,23 +299,26 @@ class Work(dist._Work):
         return self._done
 
     def is_success(self) -> bool:
+        """Completed without an error."""
         return self._done and self._exc is None
 
-    def exception(self):
+    def exception(self) -> BaseException | None:
+        """The collective's error, once completed with one."""
         return self._exc
 
-    def result(self):
+    def result(self) -> Any:
+        """The collective's output tensors (torch's Work.result())."""
         return self._result
 
     def synchronize(self) -> None:
-        pass
+        """Nothing to do: CPU collectives have no device stream to wait for."""
 
 
 # At most this many Works pinned per group: async Works a Python caller dropped
 # without wait() are pinned too (nothing tells them apart), this bounds them.
 _PIN_CAP = 4096
 
-_keeps_python_works = None
+_keeps_python_works: bool | None = None
 
 
 def _torch_keeps_python_works() -> bool:
@@ -309,21 +335,25 @@ def _torch_keeps_python_works() -> bool:
     global _keeps_python_works
     if _keeps_python_works is None:
         class ProbeWork(dist._Work):
-            def get_future(self):
-                fut = torch.futures.Future()
+            def get_future(self) -> torch.futures.Future[None]:
+                fut: torch.futures.Future[None] = torch.futures.Future()
                 fut.set_result(None)
                 return fut
 
         class ProbeGroup(dist.ProcessGroup):
-            def getBackendName(self):
+            def getBackendName(self) -> str:
                 return "fastspawn-probe"
 
-            def allreduce(self, tensors, opts=None):
+            # (torch's stub overloads allreduce; the probe takes the one form C++ calls)
+            def allreduce(self, tensors: _Tensors,  # type: ignore[override]
+                          opts: _c10d.AllreduceOptions | None = None) -> dist._Work:
                 return ProbeWork()
 
         try:
-            work = dist.ProcessGroup.allreduce(ProbeGroup(0, 1), [torch.zeros(1)],
-                                               _c10d.AllreduceOptions())
+            # (ProcessGroup(rank, size): at run time in every torch; the stub names only
+            # the (store, rank, size) form)
+            probe = ProbeGroup(0, 1)  # type: ignore[call-arg]
+            work = dist.ProcessGroup.allreduce(probe, [torch.zeros(1)], _c10d.AllreduceOptions())
             work.get_future()
             _keeps_python_works = True
         except Exception:  # noqa: BLE001 - "Work::getFuture not implemented": the
@@ -331,16 +361,16 @@ def _torch_keeps_python_works() -> bool:
     return _keeps_python_works
 
 
-def _done_work(engine, result, exc=None) -> Work:
+def _done_work(engine: _Engine, result: Any, exc: BaseException | None = None) -> Work:
     return Work(engine, result, done=True, exc=exc)
 
 
 class _Engine:
     """The communicator, the queue of pending Works and the completion thread."""
 
-    def __init__(self, comm, pin_works: bool):
+    def __init__(self, comm: _C.Comm, pin_works: bool) -> None:
         self.comm = comm
-        self.pins = None  # not for sync_done, which the engine keeps anyway
+        self.pins: dict[int, Work] | None = None  # not for sync_done, kept by the engine anyway
         self.lock = threading.Lock()
         self.work_lock = threading.RLock()  # completes Works (re-entered by future callbacks)
         self.works: dict[int, Work] = {}
@@ -351,20 +381,27 @@ class _Engine:
         self.sync_done = Work(self, [], done=True)
         # Works kept alive for C++ callers until their first wait() or get_future()
         # (see _torch_keeps_python_works); None where torch keeps them itself.
-        self.pins: dict[int, Work] | None = {} if pin_works else None
+        self.pins = {} if pin_works else None
         self.pin_lock = threading.Lock()
 
     def pin(self, work: Work) -> None:
+        """Keep work alive (torch 2.1: see _torch_keeps_python_works)."""
+        assert self.pins is not None  # (called only when pinning)
         with self.pin_lock:
             self.pins[id(work)] = work
             if len(self.pins) > _PIN_CAP:
                 del self.pins[next(iter(self.pins))]  # the oldest
 
     def unpin(self, work: Work) -> None:
+        """Let go of a pinned work (its first wait() or get_future())."""
+        assert self.pins is not None
         with self.pin_lock:
             self.pins.pop(id(work), None)
 
-    def launch(self, args, result, finish=None, keep=(), sync=False, nbytes=0) -> Work:
+    def launch(self, args: tuple[int, int, int, int, int, int, int], result: Any,
+               finish: Callable[[], None] | None = None,
+               keep: Sequence[torch.Tensor | None] = (), sync: bool = False,
+               nbytes: int = 0) -> Work:
         """Run one collective: inline (sync, or small with nothing queued) or queued."""
         if self.closing or self.comm.closed:
             raise _BackendError("fastspawn: the process group was shut down")
@@ -390,7 +427,7 @@ class _Engine:
     def _loop(self) -> None:
         ticket = 1
         while True:
-            exc = None
+            exc: BaseException | None = None
             try:
                 self.comm.wait(ticket)
             except ConnectionError:
@@ -406,6 +443,8 @@ class _Engine:
             ticket += 1
 
     def close(self, abort_reason: str | None = None) -> None:
+        """Let queued collectives finish (or abort them), stop the completion thread,
+        leave the communicator."""
         with self.lock:
             if self.closing:
                 return
@@ -421,7 +460,7 @@ class _Engine:
         self.comm.close()
 
 
-_live_engines: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
+_live_engines: weakref.WeakSet[_Engine] = weakref.WeakSet()
 
 
 @atexit.register
@@ -433,7 +472,7 @@ def _close_all() -> None:
             pass
 
 
-def _exchange_handle(store, rank: int, world_size: int, **comm_kw) -> "_C.Comm":
+def _exchange_handle(store: dist.Store, rank: int, world_size: int, **comm_kw: Any) -> _C.Comm:
     """Rank 0 creates the segment and publishes its handle; the others open it from
     the store; then every rank joins. Returns the joined communicator.
 
@@ -465,10 +504,19 @@ def _exchange_handle(store, rank: int, world_size: int, **comm_kw) -> "_C.Comm":
 
 
 class ProcessGroupFastspawn(dist.ProcessGroup):
-    """A torch.distributed ProcessGroup over fastspawn's shared-memory collectives."""
+    """A torch.distributed ProcessGroup over fastspawn's shared-memory collectives (CPU
+    tensors) and NCCL (CUDA tensors): one group for both devices.
 
-    def __init__(self, store, rank: int, world_size: int, timeout=timedelta(minutes=30), **comm_kw):
-        super().__init__(rank, world_size)
+    ``ProcessGroupFastspawn(store, rank, world_size, timeout)`` is what the backend
+    creator makes (``dist.init_process_group("fastspawn", ...)``); every rank of the
+    group makes one, with the same store. Keywords are fastspawn._C.Comm's knobs."""
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int,
+                 timeout: timedelta | float | None = timedelta(minutes=30),
+                 **comm_kw: Any) -> None:
+        # (ProcessGroup(rank, size): at run time in every torch, the only form torch 2.1
+        # has; the stub names only the (store, rank, size) one)
+        super().__init__(rank, world_size)  # type: ignore[call-arg]
         self._rank = rank
         self._world_size = world_size
         seconds = _seconds(timeout) or 1800.0
@@ -487,12 +535,15 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
 
     # -- identity ---------------------------------------------------------------
     def getBackendName(self) -> str:
+        """ "fastspawn" (torch asks for it by its C++ name)."""
         return BACKEND_NAME
 
     def getRank(self) -> int:
+        """This rank in the group."""
         return self._rank
 
     def getSize(self) -> int:
+        """The number of ranks."""
         return self._world_size
 
     def __repr__(self) -> str:
@@ -510,35 +561,41 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         self._cuda.close(abort_reason=reason)
         self._engine.close(abort_reason=reason)
 
-    def _get_backend(self, device):
+    # (for CUDA devices the answer is a view that does what torch asks of it, not a torch
+    # Backend)
+    def _get_backend(  # type: ignore[override]
+            self, device: torch.device | str) -> _DeviceBackend | _c10d.Backend:
         """torch asks this for the backend of a device (init_process_group(device_id=...)
         connects eagerly through what it answers for a CUDA device)."""
         if torch.device(device).type == "cuda":
             return self._cuda.backend_view(device)
-        return super()._get_backend(device)
+        return super()._get_backend(torch.device(device))
 
     # -- helpers ----------------------------------------------------------------
-    def _launch(self, kind, dtype, op, root, send, recv, count, result, *, opts=None,
-                finish=None, keep=(), nbytes=0) -> Work:
+    def _launch(self, kind: int, dtype: int, op: int, root: int, send: torch.Tensor | None,
+                recv: torch.Tensor | None, count: int, result: Any, *, opts: Any = None,
+                finish: _Finish | None = None, keep: tuple[torch.Tensor | None, ...] = (),
+                nbytes: int = 0) -> Work:
         sync = opts is not None and getattr(opts, "asyncOp", True) is False
         args = (kind, dtype, op, root, send.data_ptr() if send is not None else 0,
                 recv.data_ptr() if recv is not None else 0, count)
         return self._engine.launch(args, result, finish=finish or None, keep=keep, sync=sync,
                                    nbytes=nbytes)
 
-    def _root(self, opts) -> int:
+    def _root(self, opts: Any) -> int:
         root = opts.rootRank
         if not 0 <= root < self._world_size:
             raise ValueError(f"fastspawn: root rank {root} is not in 0..{self._world_size - 1}")
         return root
 
     @staticmethod
-    def _single(tensors, what: str) -> torch.Tensor:
+    def _single(tensors: Sequence[Any], what: str) -> Any:
         if len(tensors) != 1:
-            raise ValueError(f"fastspawn: {what} takes exactly one tensor per rank, got {len(tensors)}")
+            raise ValueError(
+                f"fastspawn: {what} takes exactly one tensor per rank, got {len(tensors)}")
         return tensors[0]
 
-    def _check_same(self, tensors, like: torch.Tensor, what: str) -> None:
+    def _check_same(self, tensors: Sequence[torch.Tensor], like: torch.Tensor, what: str) -> None:
         if len(tensors) != self._world_size:
             raise ValueError(
                 f"fastspawn: {what} needs {self._world_size} tensors, got {len(tensors)}"
@@ -552,7 +609,9 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                 )
 
     # -- reductions -------------------------------------------------------------
-    def allreduce(self, tensors, opts=None):
+    def allreduce(self, tensors: _Tensors,  # type: ignore[override]
+                  opts: _c10d.AllreduceOptions | None = None) -> _AnyWork:
+        """all_reduce of tensors[0], in place."""
         opts = opts if opts is not None else _c10d.AllreduceOptions()
         t = self._single(tensors, "allreduce")
         op = _reduce_op(opts)
@@ -571,7 +630,9 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         return self._launch(_C.COLL_ALLREDUCE, code, op, 0, view, view, view.numel(), tensors,
                             opts=opts, finish=finish, keep=(buf,), nbytes=buf.nbytes)
 
-    def allreduce_coalesced(self, tensors, opts=None):
+    def allreduce_coalesced(self, tensors: _Tensors,
+                            opts: _c10d.AllreduceCoalescedOptions | None = None) -> _AnyWork:
+        """all_reduce of every tensor (one dtype) in one collective, in place."""
         if tensors and tensors[0].is_cuda:
             return self._cuda.allreduce_coalesced(tensors, opts)
         opts = opts if opts is not None else _c10d.AllreduceCoalescedOptions()
@@ -592,20 +653,26 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         return self._launch(_C.COLL_ALLREDUCE, code, op, 0, view, view, view.numel(), tensors,
                             opts=opts, finish=finish, keep=(flat,), nbytes=flat.nbytes)
 
-    def reduce(self, tensors, opts=None):
+    def reduce(self, tensors: _Tensors,  # type: ignore[override]
+               opts: _c10d.ReduceOptions | None = None) -> _AnyWork:
+        """reduce of tensors[0] onto opts.rootRank (in place there)."""
         if tensors and tensors[0].is_cuda:
             return self._cuda.reduce(tensors, opts)
         opts = opts if opts is not None else _c10d.ReduceOptions()
         t = self._single(tensors, "reduce")
         op, root = _reduce_op(opts), self._root(opts)
         finish = _Finish()
-        buf = finish.inout(t, "reduce tensor") if root == self._rank else _contiguous(t, "reduce tensor")
+        buf = (finish.inout(t, "reduce tensor") if root == self._rank
+               else _contiguous(t, "reduce tensor"))
         view, code = _reduce_dtype(buf, op)
         recv = view if root == self._rank else None
         return self._launch(_C.COLL_REDUCE, code, op, root, view, recv, view.numel(), tensors,
                             opts=opts, finish=finish, keep=(buf,), nbytes=buf.nbytes)
 
-    def reduce_scatter(self, output_tensors, input_tensors, opts=None):
+    def reduce_scatter(self, output_tensors: _Tensors,  # type: ignore[override]
+                       input_tensors: list[_Tensors],
+                       opts: _c10d.ReduceScatterOptions | None = None) -> _AnyWork:
+        """reduce_scatter: rank q gets the reduction of every rank's input_tensors[0][q]."""
         if output_tensors and output_tensors[0].is_cuda:
             return self._cuda.reduce_scatter(output_tensors, input_tensors, opts)
         opts = opts if opts is not None else _c10d.ReduceScatterOptions()
@@ -617,7 +684,9 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         flat = torch.cat([t.reshape(-1) for t in inputs])
         return self._reduce_scatter_flat(out, flat, op, opts, output_tensors, keep=(flat,))
 
-    def _reduce_scatter_flat(self, out, flat, op, opts, result, keep=()):
+    def _reduce_scatter_flat(self, out: torch.Tensor, flat: torch.Tensor, op: int, opts: Any,
+                             result: _Tensors,
+                             keep: tuple[torch.Tensor | None, ...] = ()) -> Work:
         finish = _Finish()
         buf = finish.inout(out, "reduce_scatter output")
         recv_view, code = _reduce_dtype(buf, op)
@@ -626,7 +695,9 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             recv_view.numel(), result, opts=opts, finish=finish,
                             keep=keep + (buf, flat), nbytes=flat.nbytes)
 
-    def reduce_scatter_single(self, output, input, opts=None):
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,
+                              opts: _c10d.ReduceScatterOptions | None = None) -> _AnyWork:
+        """reduce_scatter_tensor: rank q gets the reduction of block q of every input."""
         if output.is_cuda:
             return self._cuda.reduce_scatter_single(output, input, opts)
         opts = opts if opts is not None else _c10d.ReduceScatterOptions()
@@ -640,18 +711,26 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         flat = _contiguous(input, "reduce_scatter input")
         return self._reduce_scatter_flat(output, flat, _reduce_op(opts), opts, [output])
 
-    _reduce_scatter_base = reduce_scatter_single
+    # (the stub spells the parameters outputTensor, inputTensor; torch passes them by position)
+    _reduce_scatter_base = reduce_scatter_single  # type: ignore[assignment]
 
-    def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
+    def reduce_scatter_tensor_coalesced(
+            self, outputs: _Tensors, inputs: _Tensors,
+            opts: _c10d.ReduceScatterOptions | None = None) -> _AnyWork:
+        """reduce_scatter_single of each (output, input) pair; the last one's Work."""
         if outputs and outputs[0].is_cuda:
             return self._cuda.reduce_scatter_tensor_coalesced(outputs, inputs, opts)
-        works = [self.reduce_scatter_single(o, i, opts) for o, i in zip(outputs, inputs)]
+        works = [self.reduce_scatter_single(o, i, opts)
+                 for o, i in zip(outputs, inputs, strict=False)]
         return works[-1] if works else _done_work(self._engine, outputs)
 
-    reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced
+    # (the stub spells the parameters outputTensors, inputTensors; passed by position)
+    reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced  # type: ignore[assignment]
 
     # -- data movement ----------------------------------------------------------
-    def broadcast(self, tensors, opts=None):
+    def broadcast(self, tensors: _Tensors,  # type: ignore[override]
+                  opts: _c10d.BroadcastOptions | None = None) -> _AnyWork:
+        """broadcast of tensors[0] from opts.rootRank."""
         if tensors and tensors[0].is_cuda:
             return self._cuda.broadcast(tensors, opts)
         opts = opts if opts is not None else _c10d.BroadcastOptions()
@@ -663,7 +742,10 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         return self._launch(_C.COLL_BROADCAST, _C.DTYPE_UINT8, 0, root, None, data, data.numel(),
                             tensors, opts=opts, finish=finish, keep=(buf,), nbytes=data.numel())
 
-    def allgather(self, output_tensors, input_tensors, opts=None):
+    def allgather(self, output_tensors: list[_Tensors],  # type: ignore[override]
+                  input_tensors: _Tensors,
+                  opts: _c10d.AllgatherOptions | None = None) -> _AnyWork:
+        """all_gather: output_tensors[0][q] gets rank q's input_tensors[0]."""
         if input_tensors and input_tensors[0].is_cuda:
             return self._cuda.allgather(output_tensors, input_tensors, opts)
         opts = opts if opts is not None else _c10d.AllgatherOptions()
@@ -679,7 +761,9 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             output_tensors, opts=opts, finish=finish, keep=(inp, flat),
                             nbytes=flat.numel())
 
-    def all_gather_single(self, output, input, opts=None):
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,
+                          opts: _c10d.AllgatherOptions | None = None) -> _AnyWork:
+        """all_gather_into_tensor: block q of output gets rank q's input."""
         if input.is_cuda:
             return self._cuda.all_gather_single(output, input, opts)
         opts = opts if opts is not None else _c10d.AllgatherOptions()
@@ -699,15 +783,23 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
 
     _allgather_base = all_gather_single
 
-    def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
+    def allgather_into_tensor_coalesced(
+            self, outputs: _Tensors, inputs: _Tensors,
+            opts: _c10d.AllgatherOptions | None = None) -> _AnyWork:
+        """all_gather_single of each (output, input) pair; the last one's Work."""
         if inputs and inputs[0].is_cuda:
             return self._cuda.allgather_into_tensor_coalesced(outputs, inputs, opts)
-        works = [self.all_gather_single(o, i, opts) for o, i in zip(outputs, inputs)]
+        works = [self.all_gather_single(o, i, opts)
+                 for o, i in zip(outputs, inputs, strict=False)]
         return works[-1] if works else _done_work(self._engine, outputs)
 
-    all_gather_single_coalesced = allgather_into_tensor_coalesced
+    # (the stub spells the parameters output_lists, input_list; passed by position)
+    all_gather_single_coalesced = allgather_into_tensor_coalesced  # type: ignore[assignment]
 
-    def gather(self, output_tensors, input_tensors, opts=None):
+    def gather(self, output_tensors: list[_Tensors],  # type: ignore[override]
+               input_tensors: _Tensors,
+               opts: _c10d.GatherOptions | None = None) -> _AnyWork:
+        """gather: on opts.rootRank, output_tensors[0][q] gets rank q's input_tensors[0]."""
         if input_tensors and input_tensors[0].is_cuda:
             return self._cuda.gather(output_tensors, input_tensors, opts)
         opts = opts if opts is not None else _c10d.GatherOptions()
@@ -726,7 +818,10 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             output_tensors, opts=opts, finish=finish, keep=(inp, flat),
                             nbytes=src.numel() * self._world_size)
 
-    def scatter(self, output_tensors, input_tensors, opts=None):
+    def scatter(self, output_tensors: _Tensors,  # type: ignore[override]
+                input_tensors: list[_Tensors],
+                opts: _c10d.ScatterOptions | None = None) -> _AnyWork:
+        """scatter: rank q's output_tensors[0] gets the root's input_tensors[0][q]."""
         if output_tensors and output_tensors[0].is_cuda:
             return self._cuda.scatter(output_tensors, input_tensors, opts)
         opts = opts if opts is not None else _c10d.ScatterOptions()
@@ -745,7 +840,10 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             output_tensors, opts=opts, finish=finish, keep=(buf, flat),
                             nbytes=dst.numel() * self._world_size)
 
-    def alltoall(self, output_tensors, input_tensors, opts=None):
+    def alltoall(self, output_tensors: _Tensors,  # type: ignore[override]
+                 input_tensors: _Tensors,
+                 opts: _c10d.AllToAllOptions | None = None) -> _AnyWork:
+        """all_to_all of lists: output_tensors[q] gets rank q's input_tensors[this rank]."""
         if input_tensors and input_tensors[0].is_cuda:
             return self._cuda.alltoall(output_tensors, input_tensors, opts)
         opts = opts if opts is not None else _c10d.AllToAllOptions()
@@ -759,7 +857,12 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                                      [(t, t.nbytes) for t in output_tensors], output_tensors,
                                      opts, keep=tuple(ins))
 
-    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
+    def all_to_all_single(self, output: torch.Tensor,  # type: ignore[override]
+                          input: torch.Tensor, output_split_sizes: list[int],
+                          input_split_sizes: list[int],
+                          opts: _c10d.AllToAllOptions | None = None) -> _AnyWork:
+        """all_to_all_single: rows of input to each rank by input_split_sizes (even when
+        empty), into output by output_split_sizes."""
         if input.is_cuda:
             return self._cuda.all_to_all_single(output, input, output_split_sizes,
                                            input_split_sizes, opts)
@@ -786,9 +889,9 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                                      keep=(inp, buf), finish=finish)
         return work
 
-    alltoall_base = all_to_all_single
+    alltoall_base = all_to_all_single  # type: ignore[assignment]  # (overloaded in the stub)
 
-    def _split_rows(self, t, splits, what):
+    def _split_rows(self, t: torch.Tensor, splits: Sequence[int], what: str) -> _Tensors:
         n = self._world_size
         if not splits:
             if t.shape[0] % n if t.dim() else True:
@@ -799,7 +902,10 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                              f"match {n} ranks and {t.shape[0] if t.dim() else 0} rows")
         return list(torch.split(t, list(splits), dim=0))
 
-    def _alltoall_blocks(self, ins, outs, result, opts, keep=(), finish=None):
+    def _alltoall_blocks(self, ins: _Tensors, outs: list[tuple[torch.Tensor, int]],
+                         result: _Tensors, opts: Any,
+                         keep: tuple[torch.Tensor | None, ...] = (),
+                         finish: _Finish | None = None) -> Work:
         """all_to_all of byte blocks ins[q] -> rank q, outs[q] (tensor, bytes) <- rank q.
 
         Equal blocks go straight to C; uneven ones are padded to the largest block
@@ -811,7 +917,7 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
         self._engine.comm.run(_C.COLL_ALLGATHER, _C.DTYPE_INT64, 0, 0, send_sizes.data_ptr(),
                               sizes.data_ptr(), n)
         sizes = sizes.view(n, n)  # sizes[p][q]: bytes rank p sends to rank q
-        for q, (t, nbytes) in enumerate(outs):
+        for q, (_, nbytes) in enumerate(outs):
             if int(sizes[q][self._rank]) != nbytes:
                 raise ValueError(
                     f"fastspawn: all_to_all: rank {q} sends {int(sizes[q][self._rank])} bytes "
@@ -828,34 +934,39 @@ class ProcessGroupFastspawn(dist.ProcessGroup):
                             opts=opts, finish=finish, keep=keep + (send, recv),
                             nbytes=send.numel())
 
-    def barrier(self, opts=None):
+    def barrier(self, opts: _c10d.BarrierOptions | None = None) -> _AnyWork:  # type: ignore[override]
+        """A barrier of the group: the CPU one, or on a GPU when opts names one
+        (dist.barrier(device_ids=[...]))."""
         if _cuda.barrier_device(opts) is not None:  # dist.barrier(device_ids=[...])
             return self._cuda.barrier(opts)
         return self._launch(_C.COLL_BARRIER, 0, 0, 0, None, None, 0, [], opts=opts)
 
     # -- CUDA only ----------------------------------------------------------------
-    def send(self, tensors, dstRank, tag=0):
+    def send(self, tensors: _Tensors, dstRank: int, tag: int = 0) -> _AnyWork:
+        """Send tensors[0] to dstRank: CUDA tensors only (deferred, see _cuda.CudaComms)."""
         if tensors and tensors[0].is_cuda:
             return self._cuda.send(tensors, dstRank, tag)
         raise _no_cpu_p2p()
 
-    def recv(self, tensors, srcRank, tag=0):
+    def recv(self, tensors: _Tensors, srcRank: int, tag: int = 0) -> _AnyWork:
+        """Receive into tensors[0] from srcRank: CUDA tensors only (deferred)."""
         if tensors and tensors[0].is_cuda:
             return self._cuda.recv(tensors, srcRank, tag)
         raise _no_cpu_p2p()
 
-    def recv_anysource(self, tensors, tag=0):
+    def recv_anysource(self, tensors: _Tensors, tag: int = 0) -> _AnyWork:
+        """Not supported: NCCL (and the CPU half) need the sending rank."""
         if tensors and tensors[0].is_cuda:
             return self._cuda.recv_anysource(tensors, tag)
         raise _no_cpu_p2p()
 
     # torch's _coalescing_manager(group, device): the collectives in between go to NCCL
     # as one group; on the CPU each runs as it comes (nothing to gain from grouping).
-    def _start_coalescing(self, device):
+    def _start_coalescing(self, device: torch.device) -> None:
         if torch.device(device).type == "cuda":
             self._cuda._start_coalescing(device)
 
-    def _end_coalescing(self, device):
+    def _end_coalescing(self, device: torch.device) -> _AnyWork:
         if torch.device(device).type == "cuda":
             return self._cuda._end_coalescing(device)
         return self._engine.sync_done
@@ -867,7 +978,7 @@ def _no_cpu_p2p() -> Exception:
         "use a collective, or a gloo group for them: dist.new_group(backend='gloo')")
 
 
-def _create(*args):
+def _create(*args: Any) -> ProcessGroupFastspawn:
     """The backend creator, for both register_backend call shapes:
     (store, rank, world_size, timeout) and, with extended_api, (DistributedBackendOptions,
     backend options)."""

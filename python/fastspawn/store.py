@@ -35,14 +35,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
 
 import torch.distributed as dist
 
 from . import _C
 
-__all__ = ["Store", "StoreServer", "StoreTimeoutError", "ENV_ADDR", "ENV_TOKEN", "ENV_TIMEOUT"]
+__all__ = ["ENV_ADDR", "ENV_TIMEOUT", "ENV_TOKEN", "Store", "StoreServer", "StoreTimeoutError"]
 
 ENV_ADDR = "FASTSPAWN_STORE_ADDR"
 ENV_TOKEN = "FASTSPAWN_STORE_TOKEN"
@@ -50,17 +51,23 @@ ENV_TIMEOUT = "FASTSPAWN_STORE_TIMEOUT"
 
 DEFAULT_TIMEOUT = timedelta(seconds=300)
 
-Timeout = Union[timedelta, float, int, None]
-Value = Union[bytes, bytearray, memoryview, str]
+#: What every timeout argument takes: a timedelta or seconds (None: the default).
+Timeout: TypeAlias = timedelta | float | int | None
+#: What a value may be: bytes-like, or a str (stored as UTF-8).
+Value: TypeAlias = bytes | bytearray | memoryview | str
 
 
 # Stores that torch may still call from C++ (see Store.__init__).
-_ALIVE: Dict[int, "Store"] = {}
+_ALIVE: dict[int, Store] = {}
 
 
 # What torch's own stores raise on a timeout: DistStoreError (a RuntimeError) in
-# newer torch; torch 2.1 has no such class and raises a plain RuntimeError.
-_DistStoreError = getattr(dist, "DistStoreError", RuntimeError)
+# newer torch; torch 2.1 has no such class and raises a plain RuntimeError. The type
+# checker sees the newer torch (this project's type checks run against it).
+if TYPE_CHECKING:
+    _DistStoreError: TypeAlias = dist.DistStoreError
+else:
+    _DistStoreError = getattr(dist, "DistStoreError", RuntimeError)
 
 
 class StoreTimeoutError(TimeoutError, _DistStoreError):
@@ -93,7 +100,7 @@ def _seconds(td: timedelta) -> float:
     return td.total_seconds()
 
 
-def parse_addr(addr: str) -> Tuple[str, int]:
+def parse_addr(addr: str) -> tuple[str, int]:
     """``"host:port"``, ``"[v6]:port"`` or ``"unix:..."`` -> (host, port)."""
     if addr.startswith("unix:"):
         return addr, 0
@@ -109,6 +116,7 @@ def parse_addr(addr: str) -> Tuple[str, int]:
 
 
 def format_addr(host: str, port: int) -> str:
+    """(host, port) as FASTSPAWN_STORE_ADDR spells it: parse_addr's inverse."""
     if host.startswith("unix:"):
         return host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -156,7 +164,7 @@ class Store(dist.Store):
         _ALIVE[id(self)] = self
 
     @classmethod
-    def from_env(cls, timeout: Timeout = None, *, connect_timeout: Timeout = None) -> "Store":
+    def from_env(cls, timeout: Timeout = None, *, connect_timeout: Timeout = None) -> Store:
         """Connect to the launcher's store: FASTSPAWN_STORE_ADDR / _TOKEN (/ _TIMEOUT)."""
         addr = os.environ.get(ENV_ADDR)
         token = os.environ.get(ENV_TOKEN)
@@ -177,6 +185,12 @@ class Store(dist.Store):
 
     # -- helpers ------------------------------------------------------------
 
+    if TYPE_CHECKING:
+        # The C++ base's default timeout (torch's Store has it at run time; its stub
+        # does not say so).
+        @property
+        def timeout(self) -> timedelta: ...
+
     def _t(self, timeout: Timeout = None) -> float:
         if timeout is None:
             return _seconds(self.timeout)
@@ -184,52 +198,65 @@ class Store(dist.Store):
 
     @property
     def addr(self) -> str:
+        """The server's address as FASTSPAWN_STORE_ADDR spells it."""
         return format_addr(self._host, self._port)
 
     def __repr__(self) -> str:
         return f"fastspawn.store.Store({self.addr!r}, timeout={self.timeout})"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, tuple[str, int, str, timedelta]]:
         # A Store sent to another process reconnects there.
         return (_reconnect, (self._host, self._port, self._token, self.timeout))
 
     # -- torch c10d Store API -------------------------------------------------
 
     def set(self, key: str, value: Value) -> None:
+        """Store value under key (replacing it); wakes every waiter on key."""
         self._client.set(key, value, self._t())
 
     def get(self, key: str) -> bytes:
+        """key's value, waiting (up to the timeout) until it is set."""
         return self._client.get(key, self._t())
 
     def add(self, key: str, value: int) -> int:
+        """Add value to key's decimal counter (0 when missing) and return the sum."""
         return self._client.add(key, value, self._t())
 
     def compare_set(self, key: str, expected_value: Value, desired_value: Value) -> bytes:
+        """Set key to desired_value if it holds expected_value (or is missing and
+        expected_value is empty); returns what key holds afterwards."""
         return self._client.compare_set(key, expected_value, desired_value, self._t())
 
     def wait(self, keys: Sequence[str], timeout: Timeout = None) -> None:
+        """Wait until every key exists (timeout: this call's, else the store's)."""
         self._client.wait(keys, self._t(timeout))
 
     def check(self, keys: Sequence[str]) -> bool:
+        """Whether every key exists (does not wait)."""
         return self._client.check(keys, self._t())
 
     def delete_key(self, key: str) -> bool:
+        """Delete key; whether it existed."""
         return self._client.delete_key(key, self._t())
 
     def num_keys(self) -> int:
+        """How many keys the store holds."""
         return self._client.num_keys(self._t())
 
-    def multi_get(self, keys: Sequence[str]) -> List[bytes]:
+    def multi_get(self, keys: Sequence[str]) -> list[bytes]:
+        """The values of keys, in order, waiting until all are set (one round trip)."""
         return self._client.multi_get(keys, self._t())
 
     def multi_set(self, keys: Sequence[str], values: Sequence[Value]) -> None:
+        """Set each key to its value (one round trip)."""
         self._client.multi_set(keys, values, self._t())
 
     def append(self, key: str, value: Value) -> None:
+        """Append value to key's value (creating it when missing)."""
         self._client.append(key, value, self._t())
 
     def barrier(self, key: str, world_size: int, timeout: Timeout = None, *,
-                rank: Optional[int] = None) -> None:
+                rank: int | None = None) -> None:
         """Block until ``world_size`` ranks called it with this (single-use) key.
 
         With ``rank`` given, fastspawn's barrier runs in one C call and a
@@ -245,12 +272,14 @@ class Store(dist.Store):
         self._client.barrier(key, world_size, rank, self._t(timeout))
 
     def set_timeout(self, timeout: Timeout) -> None:
+        """The default timeout of later calls (timedelta or seconds; 0: no limit)."""
         super().set_timeout(_as_timedelta(timeout))
 
     def has_extended_api(self) -> bool:
-        return True  # append, multi_get and multi_set are native
+        """True: append, multi_get and multi_set are native (torch asks)."""
+        return True
 
-    def clone(self) -> "Store":
+    def clone(self) -> Store:
         """A new connection to the same store (for use from another thread)."""
         return Store(self._host, self._port, self._token, self.timeout)
 
@@ -268,6 +297,19 @@ class Store(dist.Store):
 
 def _reconnect(host: str, port: int, token: str, timeout: timedelta) -> Store:
     return Store(host, port, token, timeout)
+
+
+class _StartArgs(TypedDict):
+    """StoreServer.start's keywords (fastspawn._C.StoreServer.start)."""
+
+    host: str | None
+    port: int
+    token: str | None
+    unix_path: str | None
+    max_value_size: int
+    auth_timeout: float
+    max_unauth: int
+    max_clients: int
 
 
 class StoreServer:
@@ -288,25 +330,26 @@ class StoreServer:
 
     def __init__(
         self,
-        host: Optional[str] = None,
-        port: Optional[int] = 0,
-        token: Optional[str] = None,
+        host: str | None = None,
+        port: int | None = 0,
+        token: str | None = None,
         *,
-        unix_path: Optional[str] = None,
-        max_value_size: Optional[int] = None,
+        unix_path: str | None = None,
+        max_value_size: int | None = None,
         auth_timeout: float = 0.0,
-        max_unauth: Optional[int] = None,
-        max_clients: Optional[int] = None,
+        max_unauth: int | None = None,
+        max_clients: int | None = None,
         start: bool = True,
     ) -> None:
         self._srv = _C.StoreServer()
-        self._args = dict(host=host, port=port or 0, token=token, unix_path=unix_path,
-                          max_value_size=max_value_size or 0, auth_timeout=auth_timeout,
-                          max_unauth=max_unauth or 0, max_clients=max_clients or 0)
+        self._args: _StartArgs = {
+            "host": host, "port": port or 0, "token": token, "unix_path": unix_path,
+            "max_value_size": max_value_size or 0, "auth_timeout": auth_timeout,
+            "max_unauth": max_unauth or 0, "max_clients": max_clients or 0}
         if start:
             self.start()
 
-    def start(self) -> Tuple[str, int]:
+    def start(self) -> tuple[str, int]:
         """Start serving; returns the bound (host, port)."""
         return self._srv.start(**self._args)
 
@@ -314,39 +357,53 @@ class StoreServer:
         """Stop the thread and close every connection (clients get ConnectionError)."""
         self._srv.shutdown()
 
-    def __enter__(self) -> "StoreServer":
+    def __enter__(self) -> StoreServer:
         if not self._srv.running:
             self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
     @property
     def host(self) -> str:
+        """The bound numeric address (RuntimeError while not running)."""
         return self._srv.host
 
     @property
     def port(self) -> int:
+        """The bound port (RuntimeError while not running)."""
         return self._srv.port
 
     @property
-    def token(self) -> str:
+    def token(self) -> str | None:
+        """The token clients present (None before the first start())."""
         return self._srv.token
 
     @property
-    def unix_path(self) -> Optional[str]:
+    def unix_path(self) -> str | None:
+        """The Unix socket ("@name" or a path), or None."""
         return self._srv.unix_path
 
     @property
     def running(self) -> bool:
+        """Whether the server thread serves."""
         return self._srv.running
 
     @property
     def num_clients(self) -> int:
+        """Open connections."""
         return self._srv.num_clients
 
-    def stats(self) -> Dict[str, int]:
+    def _live_token(self) -> str:
+        """The token, for env() and client(), which need a running server: their host
+        (or unix_path) lookup fails first when it never ran."""
+        token = self._srv.token
+        if token is None:
+            raise RuntimeError("StoreServer is not running (call start())")
+        return token
+
+    def stats(self) -> dict[str, int]:
         """What the server holds: ``clients`` (authenticated), ``unauth``, ``parked``
         requests, ``out_bytes`` queued for clients, and the connections ``evicted``
         (unauthenticated: the cap or the hello deadline), ``shed`` (no descriptor left)
@@ -359,21 +416,24 @@ class StoreServer:
         return format_addr(self.host, self.port)
 
     @property
-    def unix_addr(self) -> Optional[str]:
+    def unix_addr(self) -> str | None:
         """The Unix socket as FASTSPAWN_STORE_ADDR spells it ("unix:@name"), or None."""
         p = self.unix_path
         return None if p is None else "unix:" + p
 
-    def env(self, *, prefer_unix: bool = False) -> Dict[str, str]:
+    def env(self, *, prefer_unix: bool = False) -> dict[str, str]:
         """The variables :meth:`Store.from_env` reads."""
         addr = self.unix_addr if prefer_unix and self.unix_path else self.addr
-        return {ENV_ADDR: addr, ENV_TOKEN: self.token}
+        assert addr is not None  # (unix_addr is None only without a unix_path)
+        return {ENV_ADDR: addr, ENV_TOKEN: self._live_token()}
 
     def client(self, timeout: Timeout = DEFAULT_TIMEOUT, *, prefer_unix: bool = False) -> Store:
         """A :class:`Store` connected to this server."""
         if prefer_unix and self.unix_path:
-            return Store(self.unix_addr, 0, self.token, timeout)
-        return Store(self.host, self.port, self.token, timeout)
+            unix_addr = self.unix_addr
+            assert unix_addr is not None  # (there is a unix_path)
+            return Store(unix_addr, 0, self._live_token(), timeout)
+        return Store(self.host, self.port, self._live_token(), timeout)
 
     def __repr__(self) -> str:
         state = f"{self.addr}" if self.running else "stopped"
